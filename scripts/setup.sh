@@ -1,0 +1,96 @@
+#!/usr/bin/env bash
+# One-time (and idempotent) set-up of hpcdistill in ./.venv:
+#   system MPI (the one on PATH, else Open MPI from apt), torch 2.13 (CPU wheel), mpi4py, h5py,
+#   Horovod 0.28.1 built from PyPI's source release against that torch (patched to C++17) and cached
+#   as a wheel, then hpcdistill itself in editable mode. A second run only checks and takes seconds.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="${HPCDISTILL_VENV:-$ROOT/.venv}"
+PY="${PYTHON:-python3}"
+WHEELS="${HPCDISTILL_WHEEL_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/hpcdistill/wheels}"
+TORCH_VERSION=2.13.0
+HOROVOD_VERSION=0.28.1
+STAMP="$VENV/.hpcdistill-setup"
+
+say() { printf '[setup] %s\n' "$*"; }
+die() { printf '[setup] ERROR: %s\n' "$*" >&2; exit 1; }
+
+SUDO=""
+if [ "$(id -u)" != 0 ]; then command -v sudo >/dev/null && sudo -n true 2>/dev/null && SUDO="sudo -n"; fi
+apt_usable() { command -v apt-get >/dev/null && { [ "$(id -u)" = 0 ] || [ -n "$SUDO" ]; }; }
+APT_UPDATED=0
+apt_install() {
+  if [ "$APT_UPDATED" = 0 ]; then $SUDO apt-get update -qq; APT_UPDATED=1; fi
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "$@" >/dev/null
+}
+
+# 1. System MPI -------------------------------------------------------------------------------------
+if ! command -v mpicc >/dev/null || ! command -v mpirun >/dev/null; then
+  if apt_usable; then
+    say "no MPI on PATH: installing Open MPI from apt"
+    apt_install libopenmpi-dev openmpi-bin
+  else
+    die "no MPI compiler wrapper (mpicc) on PATH and apt is not usable here.
+        Load your site's MPI first, e.g. 'module load openmpi' (or mpich / intel-mpi), then run again."
+  fi
+fi
+say "MPI: $(command -v mpicc) ($(mpirun --version 2>/dev/null | head -n1))"
+
+# Build tools Horovod needs (a C++17 compiler, cmake comes from pip below).
+if ! command -v g++ >/dev/null || ! command -v make >/dev/null; then
+  apt_usable || die "g++ and make are needed to build Horovod; install a C++ toolchain (module load gcc)."
+  apt_install g++ make
+fi
+
+# 2. Virtual environment ----------------------------------------------------------------------------
+if [ ! -x "$VENV/bin/python" ]; then
+  if ! "$PY" -m venv --help >/dev/null 2>&1 || ! "$PY" -c 'import ensurepip' 2>/dev/null; then
+    apt_usable || die "python3 -m venv is unavailable; install python3-venv."
+    apt_install python3-venv
+  fi
+  say "creating $VENV"
+  "$PY" -m venv "$VENV"
+fi
+VPY="$VENV/bin/python"
+PIP=("$VPY" -m pip --disable-pip-version-check -q)
+
+# Fast path: everything already installed for this very tree and these versions.
+want="torch=$TORCH_VERSION horovod=$HOROVOD_VERSION pyproject=$(sha1sum "$ROOT/pyproject.toml" | cut -c1-12)"
+if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ] && "$VPY" -c 'import horovod.torch, mpi4py, h5py, hpcdistill' 2>/dev/null; then
+  say "already set up ($want)"
+  exit 0
+fi
+
+# 3. Python packages --------------------------------------------------------------------------------
+"${PIP[@]}" install --upgrade pip setuptools wheel
+"${PIP[@]}" install "torch==$TORCH_VERSION" numpy mpi4py cmake packaging pyyaml cloudpickle psutil
+
+# 4. Horovod, built once into a wheel cache ---------------------------------------------------------
+mkdir -p "$WHEELS"
+tag="torch$TORCH_VERSION-$(basename "$(readlink -f "$(command -v mpicc)")")"
+wheel_dir="$WHEELS/horovod-$HOROVOD_VERSION-$tag"
+if ! ls "$wheel_dir"/horovod-*.whl >/dev/null 2>&1; then
+  say "building Horovod $HOROVOD_VERSION against torch $TORCH_VERSION (takes ~5 min on 2 cores, once)"
+  work="$(mktemp -d)"
+  trap 'rm -rf "$work"' EXIT
+  "${PIP[@]}" download --no-deps --no-binary :all: -d "$work" "horovod==$HOROVOD_VERSION"
+  tar -xzf "$work"/horovod-*.tar.gz -C "$work"
+  src="$(echo "$work"/horovod-"$HOROVOD_VERSION")"
+  # torch >= 2.1 headers need C++17; Horovod 0.28.1 asks for C++14 (horovod#3996, fixed after 0.28.1).
+  sed -i 's/set(CMAKE_CXX_STANDARD 14)/set(CMAKE_CXX_STANDARD 17)/' "$src/CMakeLists.txt" "$src/horovod/torch/CMakeLists.txt"
+  grep -q 'CMAKE_CXX_STANDARD 17' "$src/horovod/torch/CMakeLists.txt" || die "Horovod patch did not apply"
+  mkdir -p "$wheel_dir.tmp"
+  HOROVOD_WITH_PYTORCH=1 HOROVOD_WITH_MPI=1 HOROVOD_WITH_GLOO=1 \
+  HOROVOD_WITHOUT_TENSORFLOW=1 HOROVOD_WITHOUT_MXNET=1 HOROVOD_CPU_OPERATIONS=MPI \
+  MAKEFLAGS="-j$(nproc)" PATH="$VENV/bin:$PATH" \
+    "${PIP[@]}" wheel --no-deps --no-build-isolation -w "$wheel_dir.tmp" "$src"
+  rm -rf "$wheel_dir"; mv "$wheel_dir.tmp" "$wheel_dir"
+fi
+"${PIP[@]}" install --no-deps --force-reinstall "$wheel_dir"/horovod-*.whl
+
+# 5. hpcdistill itself ------------------------------------------------------------------------------
+"${PIP[@]}" install -e "$ROOT[test]"
+"$VPY" -c 'import horovod.torch as hvd, mpi4py, h5py, hpcdistill' || die "import check failed"
+echo "$want" > "$STAMP"
+say "done: activate with 'source $VENV/bin/activate'"
