@@ -6,9 +6,9 @@
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-VENV="${HPCDISTILL_VENV:-$ROOT/.venv}"
+VENV="${VENV_DIR:-$ROOT/.venv}"
 PY="${PYTHON:-python3}"
-WHEELS="${HPCDISTILL_WHEEL_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/hpcdistill/wheels}"
+WHEELS="${HOROVOD_WHEEL_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/hpcdistill/wheels}"
 TORCH_VERSION=2.13.0
 HOROVOD_VERSION=0.28.1
 STAMP="$VENV/.hpcdistill-setup"
@@ -64,7 +64,7 @@ fi
 
 # 3. Python packages --------------------------------------------------------------------------------
 "${PIP[@]}" install --upgrade pip setuptools wheel
-"${PIP[@]}" install "torch==$TORCH_VERSION" numpy mpi4py cmake packaging pyyaml cloudpickle psutil
+"${PIP[@]}" install "torch==$TORCH_VERSION" numpy mpi4py "cmake>=3.13,<4" packaging pyyaml cloudpickle psutil
 
 # 4. Horovod, built once into a wheel cache ---------------------------------------------------------
 mkdir -p "$WHEELS"
@@ -82,7 +82,7 @@ if ! ls "$wheel_dir"/horovod-*.whl >/dev/null 2>&1; then
   grep -q 'CMAKE_CXX_STANDARD 17' "$src/horovod/torch/CMakeLists.txt" || die "Horovod patch did not apply"
   mkdir -p "$wheel_dir.tmp"
   HOROVOD_WITH_PYTORCH=1 HOROVOD_WITH_MPI=1 HOROVOD_WITH_GLOO=1 \
-  HOROVOD_WITHOUT_TENSORFLOW=1 HOROVOD_WITHOUT_MXNET=1 HOROVOD_CPU_OPERATIONS=MPI \
+  HOROVOD_WITHOUT_TENSORFLOW=1 HOROVOD_WITHOUT_MXNET=1 HOROVOD_CPU_OPERATIONS=MPI CMAKE_POLICY_VERSION_MINIMUM=3.5 \
   MAKEFLAGS="-j$(nproc)" PATH="$VENV/bin:$PATH" \
     "${PIP[@]}" wheel --no-deps --no-build-isolation -w "$wheel_dir.tmp" "$src"
   rm -rf "$wheel_dir"; mv "$wheel_dir.tmp" "$wheel_dir"

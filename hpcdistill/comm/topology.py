@@ -1,0 +1,104 @@
+"""World -> groups -> Horovod process sets, leaders and devices.
+
+Codistillation splits MPI_COMM_WORLD into equal, contiguous groups (contiguous so that a group
+tends to share a node and its allreduce stays on the fast links). Each group gets its own MPI
+sub-communicator (for RMA windows and broadcasts) and its own Horovod process set (for gradient
+allreduce). Rank 0 of each group is its leader: the only rank that touches the exchange directory
+and the only one that speaks in the logs.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class Topology:
+    world: "object"            # MPI.Comm
+    rank: int
+    size: int
+    num_groups: int
+    group: int
+    group_comm: "object"       # MPI.Comm of this rank's group
+    group_rank: int
+    group_size: int
+    group_ranks: list[int]     # world ranks of this group, in group-rank order
+    local_rank: int
+    device: torch.device
+    process_set: "object" = field(default=None, repr=False)   # hvd.ProcessSet of this group
+    leaders_comm: "object" = field(default=None, repr=False)  # leaders only (None elsewhere)
+
+    @property
+    def is_leader(self) -> bool:
+        return self.group_rank == 0
+
+    @property
+    def leader_world_rank(self) -> int:
+        return self.group_ranks[0]
+
+    def tag(self) -> str:
+        """Log prefix naming the group and the ranks: "[g1 r0/2 w2]"."""
+        return f"[g{self.group} r{self.group_rank}/{self.group_size} w{self.rank}]"
+
+
+def init_mpi():
+    """Initialise MPI with MPI_THREAD_MULTIPLE (Horovod's background thread needs it)."""
+    import mpi4py
+
+    mpi4py.rc.thread_level = "multiple"
+    from mpi4py import MPI
+
+    return MPI
+
+
+def build_topology(num_groups: int, *, horovod: bool = True) -> Topology:
+    """Split the world into `num_groups` groups and set Horovod up on them (collective)."""
+    MPI = init_mpi()
+    world = MPI.COMM_WORLD
+    rank, size = world.Get_rank(), world.Get_size()
+    if size % num_groups:
+        raise ValueError(f"world size {size} is not divisible by {num_groups} groups")
+    per = size // num_groups
+    group = rank // per
+    group_comm = world.Split(color=group, key=rank)
+    node_comm = world.Split_type(MPI.COMM_TYPE_SHARED, key=rank)
+    local_rank = node_comm.Get_rank()
+    node_comm.Free()
+    leaders_comm = world.Split(color=0 if rank % per == 0 else MPI.UNDEFINED, key=rank)
+    if leaders_comm == MPI.COMM_NULL:
+        leaders_comm = None
+    topo = Topology(
+        world=world, rank=rank, size=size, num_groups=num_groups, group=group,
+        group_comm=group_comm, group_rank=group_comm.Get_rank(), group_size=per,
+        group_ranks=list(range(group * per, (group + 1) * per)), local_rank=local_rank,
+        device=_device(local_rank), leaders_comm=leaders_comm,
+    )
+    if horovod:
+        topo.process_set = _init_horovod(world, num_groups, per, group)
+    return topo
+
+
+def _device(local_rank: int) -> torch.device:
+    """One GPU per local rank where CUDA is present, else the CPU."""
+    if torch.cuda.is_available() and torch.cuda.device_count() > 0:
+        dev = torch.device("cuda", local_rank % torch.cuda.device_count())
+        torch.cuda.set_device(dev)
+        return dev
+    # Two ranks per core on small machines: more intra-op threads only oversubscribe.
+    torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
+    return torch.device("cpu")
+
+
+def _init_horovod(world, num_groups: int, per: int, group: int):
+    """Register every group's process set on every rank (Horovod requires the same list everywhere)."""
+    import horovod.torch as hvd
+
+    if num_groups == 1:
+        hvd.init(comm=world)
+        return hvd.global_process_set
+    sets = [hvd.ProcessSet(list(range(g * per, (g + 1) * per))) for g in range(num_groups)]
+    hvd.init(comm=world, process_sets=sets)
+    return sets[group]

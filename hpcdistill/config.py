@@ -1,0 +1,234 @@
+"""Every HPCDISTILL_* setting, validated before any MPI work starts.
+
+Batch jobs are configured through the environment (``sbatch --export=ALL,HPCDISTILL_...``), so a
+typo or a bad value must fail in the first second with a message naming the variable, the value and
+what is expected, rather than after the job waited in the queue and started 64 ranks.
+pydantic-settings does the parsing; this module adds the cross-checks and the error wording.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from pathlib import Path
+from typing import Literal, Optional
+
+from pydantic import Field, ValidationError, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+PREFIX = "HPCDISTILL_"
+
+
+class ConfigError(Exception):
+    """A setting is invalid; the message names the variable, its value and what is expected."""
+
+    exit_code = 2
+
+
+def _ranks(text: str) -> tuple[int, ...]:
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    if not items or not all(t.isdigit() for t in items):
+        raise ValueError("expected a comma-separated list of non-negative ranks, e.g. 0 or 0,1")
+    ranks = tuple(int(t) for t in items)
+    if len(set(ranks)) != len(ranks):
+        raise ValueError("a rank is listed twice")
+    return ranks
+
+
+class Settings(BaseSettings):
+    """The resolved settings of one run (frozen: every rank sees the same values)."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=PREFIX, case_sensitive=False, frozen=True, extra="ignore", env_ignore_empty=True
+    )
+
+    mode: Literal["sync", "codistill", "async", "distill"] = Field(
+        "sync", description="training mode: sync · codistill · async · distill")
+    dataset: str = Field("digits", min_length=1, description="dataset name under DATA_DIR")
+    data_dir: Path = Field(Path("datasets"), description="where prepared datasets live")
+    run_dir: Optional[Path] = Field(
+        None, description="where this run writes everything (default ./runs/<SLURM_JOB_ID or timestamp>)")
+    model: Optional[str] = Field(
+        None, description="model from the registry (the student in distill); default: mlp for images, charlm for text")
+    steps: int = Field(300, gt=0, description="optimizer steps per group (per worker in async)")
+    batch_size: int = Field(32, gt=0, description="per-rank batch size")
+    lr: Optional[float] = Field(
+        None, gt=0, description="peak learning rate (default 0.05 for sgd, 0.003 for adamw)")
+    optimizer: Literal["auto", "sgd", "adamw"] = Field(
+        "auto", description="auto = sgd with momentum for images, adamw for text")
+    momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum")
+    weight_decay: float = Field(0.0, ge=0, description="weight decay (Sodhani et al. 2020: lower it when codistilling)")
+    warmup_steps: int = Field(20, ge=0, description="linear learning-rate warm-up steps, then cosine decay")
+    seed: int = Field(0, ge=0, description="base seed; everything is reproducible from it")
+    eval_every: int = Field(50, gt=0, description="steps between validation passes")
+    log_every: int = Field(10, gt=0, description="steps between progress lines and metrics records")
+    checkpoint_every: int = Field(100, gt=0, description="steps between checkpoints")
+    keep_checkpoints: int = Field(3, gt=0, description="checkpoints kept in RUN_DIR/checkpoints")
+    resume: Literal["auto", "never"] = Field(
+        "auto", description="auto: resume from RUN_DIR's newest valid checkpoint · never")
+    groups: Optional[int] = Field(
+        None, gt=0, description="codistilling groups (world size must divide); default 2 in codistill, else 1")
+    group_mode: Literal["sync", "async"] = Field(
+        "sync", description="how each group trains inside: sync (Horovod allreduce) · async (DC-ASGD)")
+    exchange_dir: Optional[Path] = Field(
+        None, description="shared-filesystem directory for teacher checkpoints (default RUN_DIR/exchange)")
+    exchange_every: int = Field(50, gt=0, description="steps between a group publishing its checkpoint")
+    max_staleness: int = Field(
+        500, gt=0, description="oldest peer checkpoint (steps behind) still used as a teacher")
+    stale_policy: Literal["drop", "wait"] = Field(
+        "drop", description="a peer beyond MAX_STALENESS: drop its term (default) or wait for it")
+    burn_in: int = Field(50, ge=0, description="steps before the distillation term starts")
+    distill_weight: float = Field(
+        0.5, ge=0, description="alpha, the weight of the distillation term (<= 1 in distill mode)")
+    temperature: float = Field(1.0, gt=0, description="softmax temperature T of the distillation term")
+    codistill_target: Literal["peers", "label-smoothing"] = Field(
+        "peers", description="peers' predictions, or the label-smoothing control of equal weight")
+    label_smoothing: float = Field(
+        0.1, ge=0, lt=1, description="epsilon of the label-smoothing control target")
+    data_split: Literal["disjoint", "shared"] = Field(
+        "disjoint", description="each group its own part of the data, or all groups all of it")
+    async_rule: Literal["asgd", "dcasgd-c", "dcasgd-a"] = Field(
+        "dcasgd-a", description="async update rule")
+    async_lr: Literal["constant", "staleness-aware"] = Field(
+        "constant", description="staleness-aware divides the step by the update's staleness (Zhang et al. 2016)")
+    dc_lambda: Optional[float] = Field(
+        None, ge=0, description="lambda0 of DC-ASGD (default 0.04 for dcasgd-c, 2.0 for dcasgd-a)")
+    dc_meansq_decay: float = Field(0.95, ge=0, lt=1, description="m, the decay of DC-ASGD-a's mean square")
+    param_hosts: str = Field("0", description="ranks (within the group) hosting the parameter windows in async")
+    staleness_bound: Optional[int] = Field(
+        None, ge=0, description="SSP bound s: a worker s updates ahead of the slowest waits; empty = unbounded")
+    straggler_rank: Optional[int] = Field(
+        None, ge=0, description="world rank that is slowed down, for straggler experiments")
+    straggler_delay: float = Field(
+        1.0, ge=0, description="the straggler sleeps this fraction of its step time (1.0 = 2x slower)")
+    teachers: Optional[str] = Field(
+        None, description="comma-separated teacher checkpoints (HDF5) or codistill run dirs, for distill")
+    distill_loss: Literal["soft", "logits"] = Field(
+        "soft", description="soft targets at temperature T, or squared error between logits")
+    omit_classes: str = Field("", description="comma-separated classes left out of the distill transfer set")
+
+    @model_validator(mode="after")
+    def _cross_check(self) -> "Settings":
+        _ranks(self.param_hosts)
+        if self.mode == "distill":
+            if not self.teachers:
+                raise ValueError("HPCDISTILL_TEACHERS: distill mode needs teacher checkpoints (comma-separated .h5 files or codistill run dirs)")
+            if self.distill_weight > 1:
+                raise ValueError("HPCDISTILL_DISTILL_WEIGHT: in distill mode alpha weighs soft against hard targets and must be <= 1")
+        if self.groups is not None and self.groups > 1 and self.mode != "codistill":
+            raise ValueError(f"HPCDISTILL_GROUPS={self.groups}: several groups exist only in codistill mode")
+        if self.omit_classes and not all(c.strip().isdigit() for c in self.omit_classes.split(",")):
+            raise ValueError("HPCDISTILL_OMIT_CLASSES: expected comma-separated class indices, e.g. 3 or 3,5")
+        return self
+
+    # Derived values: defaults that depend on other settings.
+    @property
+    def num_groups(self) -> int:
+        return self.groups if self.groups is not None else (2 if self.mode == "codistill" else 1)
+
+    @property
+    def uses_async(self) -> bool:
+        return self.mode == "async" or (self.mode == "codistill" and self.group_mode == "async")
+
+    @property
+    def host_ranks(self) -> tuple[int, ...]:
+        return _ranks(self.param_hosts)
+
+    @property
+    def lambda0(self) -> float:
+        if self.dc_lambda is not None:
+            return self.dc_lambda
+        return {"asgd": 0.0, "dcasgd-c": 0.04, "dcasgd-a": 2.0}[self.async_rule]
+
+    @property
+    def omitted_classes(self) -> tuple[int, ...]:
+        return tuple(int(c) for c in self.omit_classes.split(",") if c.strip())
+
+    @property
+    def teacher_paths(self) -> tuple[Path, ...]:
+        return tuple(Path(t.strip()) for t in (self.teachers or "").split(",") if t.strip())
+
+    def check_world(self, world_size: int) -> None:
+        """Cross-checks that need the world size (known from the launcher before MPI starts)."""
+        groups = self.num_groups
+        if world_size % groups:
+            raise ConfigError(
+                f"HPCDISTILL_GROUPS={groups}: the world size {world_size} is not divisible by it; "
+                f"use a number of ranks that is a multiple of {groups} or change HPCDISTILL_GROUPS")
+        if self.uses_async:
+            per_group = world_size // groups
+            bad = [r for r in self.host_ranks if r >= per_group]
+            if bad:
+                raise ConfigError(
+                    f"HPCDISTILL_PARAM_HOSTS={self.param_hosts}: rank(s) {bad} do not exist in a group of {per_group}")
+            if per_group - len(self.host_ranks) < 1:
+                raise ConfigError(
+                    f"HPCDISTILL_PARAM_HOSTS={self.param_hosts}: async needs at least one worker besides the "
+                    f"{len(self.host_ranks)} host rank(s) in each group of {per_group}; launch more ranks")
+        if self.straggler_rank is not None and self.straggler_rank >= world_size:
+            raise ConfigError(
+                f"HPCDISTILL_STRAGGLER_RANK={self.straggler_rank}: no such rank in a world of {world_size}")
+
+
+def launcher_world_size() -> int | None:
+    """The world size as the launcher announces it, so cross-checks run before MPI_Init."""
+    env = os.environ
+    for var in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "SLURM_NTASKS"):
+        if env.get(var, "").isdigit():
+            return int(env[var])
+    return None
+
+
+def load_settings() -> Settings:
+    """Parse and validate the environment; raise ConfigError with a message for users."""
+    known = {PREFIX + name.upper() for name in Settings.model_fields}
+    unknown = sorted(k for k in os.environ if k.upper().startswith(PREFIX) and k.upper() not in known)
+    if unknown:
+        hints = []
+        for k in unknown:
+            close = difflib.get_close_matches(k.upper(), known, n=1)
+            hints.append(f"{k} (did you mean {close[0]}?)" if close else k)
+        raise ConfigError("unknown setting(s): " + ", ".join(hints) + "; `hpcdistill config` lists them all")
+    try:
+        settings = Settings()
+    except ValidationError as exc:
+        raise ConfigError(_explain(exc)) from None
+    except ValueError as exc:  # pydantic-settings' own parse errors
+        raise ConfigError(f"invalid setting: {exc}") from None
+    world = launcher_world_size()
+    if world is not None:
+        settings.check_world(world)
+    return settings
+
+
+def _explain(exc: ValidationError) -> str:
+    lines = []
+    for err in exc.errors():
+        field = str(err["loc"][0]) if err["loc"] else ""
+        msg = err["msg"].removeprefix("Value error, ")
+        if field:
+            var = PREFIX + field.upper()
+            value = next((v for k, v in os.environ.items() if k.upper() == var), err.get("input"))
+            desc = Settings.model_fields[field].description or ""
+            lines.append(f"{var}={value!r}: {msg} ({desc})")
+        else:
+            lines.append(msg)
+    return "invalid setting: " + "; ".join(lines)
+
+
+def describe(settings: Settings) -> list[dict]:
+    """One row per setting: variable, value, default, source, meaning (for `hpcdistill config`)."""
+    env = {k.upper(): v for k, v in os.environ.items()}
+    rows = []
+    for name, field in Settings.model_fields.items():
+        var = PREFIX + name.upper()
+        from_env = env.get(var, "") != ""
+        value = getattr(settings, name)
+        rows.append({
+            "variable": var,
+            "value": "" if value is None else str(value),
+            "default": "" if field.default is None else str(field.default),
+            "source": "environment" if from_env else "default",
+            "meaning": field.description or "",
+        })
+    return rows
