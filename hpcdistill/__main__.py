@@ -1,0 +1,3 @@
+from hpcdistill.cli import main
+
+raise SystemExit(main())

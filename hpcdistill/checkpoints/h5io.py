@@ -1,0 +1,229 @@
+"""The checkpoint file format: plain HDF5, checksummed, written atomically, never pickled.
+
+Checkpoints travel between jobs and between groups over a shared filesystem, so a reader must be
+able to reject any damaged or foreign file with one exception type, and a reader must never see a
+half-written file. Layout (readable with plain h5py):
+
+    /<key>                 one dataset per array; "/" in a key makes HDF5 groups ("model/fc1.weight")
+    /<key>.attrs[torch_dtype]   only for torch dtypes numpy lacks (bfloat16, float8): the dataset
+                           holds a same-width unsigned-integer view of the bits
+    /.attrs: format="hpcdistill-checkpoint", format_version=1, meta=<JSON>, sha256=<hex>
+
+Strings are stored as fixed-length bytes (UTF-8) so that no object/variable-length type exists in
+the file. sha256 covers every dataset's key, dtype, shape, torch_dtype and bytes in sorted key order,
+then the meta JSON.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import stat
+import uuid
+from pathlib import Path
+
+import h5py
+import numpy as np
+import torch
+
+FORMAT = "hpcdistill-checkpoint"
+FORMAT_VERSION = 1
+HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+# bool, signed/unsigned int, float, complex: nothing that needs pickle or an object reference.
+_NUMERIC_KINDS = "biufc"
+_UINT_OF_WIDTH = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
+_INT_OF_WIDTH = {1: np.int8, 2: np.int16, 4: np.int32, 8: np.int64}
+
+
+class CheckpointError(Exception):
+    """A checkpoint that cannot be used; `path` may be None when no file is involved (restore)."""
+
+    def __init__(self, path: str | os.PathLike | None, reason: str):
+        self.path = Path(path) if path is not None else None
+        self.reason = reason
+        super().__init__(f"{self.path}: {reason}" if self.path is not None else reason)
+
+
+def _to_storable(key: str, value) -> tuple[np.ndarray, str | None]:
+    """Return (little-endian C-order numpy array, torch dtype name if stored as a bit view)."""
+    torch_dtype = None
+    if isinstance(value, torch.Tensor):
+        if value.layout != torch.strided:
+            raise TypeError(f"{key}: only dense tensors can be stored, not {value.layout}")
+        t = value.detach().cpu().contiguous()
+        try:
+            value = t.numpy()
+        except TypeError:  # numpy has no such dtype: keep the bits, remember the torch dtype
+            torch_dtype = str(t.dtype).removeprefix("torch.")
+            width = t.element_size()
+            value = t.reshape(-1).view(torch.uint8).numpy().view(_UINT_OF_WIDTH[width]).reshape(t.shape)
+    a = np.asarray(value)
+    if a.dtype.kind not in _NUMERIC_KINDS:
+        raise TypeError(f"{key}: dtype {a.dtype} is not numeric; checkpoints hold numeric arrays only "
+                        f"(put strings and other values in meta)")
+    return np.asarray(a, dtype=a.dtype.newbyteorder("<"), order="C"), torch_dtype
+
+
+def _check_key(key: str) -> None:
+    parts = key.split("/")
+    if not key or any(p in ("", ".", "..") for p in parts):
+        raise ValueError(f"invalid checkpoint key {key!r}: use non-empty '/'-separated names")
+
+
+def _meta_json(meta: dict) -> str:
+    def default(o):
+        if isinstance(o, np.generic):  # e.g. a np.float32 loss
+            return o.item()
+        raise TypeError(f"meta value {o!r} of type {type(o).__name__} is not JSON-serialisable")
+    return json.dumps(meta, sort_keys=True, default=default)
+
+
+def _digest(items: list[tuple[str, np.ndarray, str | None]], meta_json: str) -> str:
+    h = hashlib.sha256()
+    for key, a, torch_dtype in sorted(items, key=lambda it: it[0]):
+        h.update(json.dumps([key, a.dtype.str, list(a.shape), torch_dtype]).encode())
+        h.update(np.asarray(a, dtype=a.dtype.newbyteorder("<"), order="C").reshape(-1).view(np.uint8))
+    h.update(meta_json.encode())
+    return h.hexdigest()
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError:  # some filesystems refuse fsync on a directory; the rename is still atomic
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_h5(path, arrays: dict, meta: dict) -> Path:
+    """Write `arrays` (numpy or torch, any shape incl. 0-d) and JSON-able `meta` to `path` atomically.
+
+    The data goes to a hidden temporary file in the same directory, is fsync'ed, then renamed onto
+    `path`: readers see the old file or the complete new one, never a partial one. Raises TypeError
+    for values that are not numeric arrays (object, string, void: anything that would need pickle).
+    meta goes through JSON: tuples come back as lists and dict keys as strings.
+    """
+    path = Path(path)
+    items = []
+    for key, value in arrays.items():
+        _check_key(key)
+        items.append((key, *_to_storable(key, value)))
+    meta_json = _meta_json(meta)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        # libver v108: superblock and object headers carry their own checksums (HDF5 >= 1.8 reads it),
+        # and attributes larger than 64 KiB (big meta) are allowed.
+        with h5py.File(tmp, "w", libver="v108") as f:
+            for key, a, torch_dtype in items:
+                ds = f.create_dataset(key, data=a)
+                if torch_dtype is not None:
+                    ds.attrs["torch_dtype"] = np.bytes_(torch_dtype.encode())
+            f.attrs["format"] = np.bytes_(FORMAT.encode())
+            f.attrs["format_version"] = np.int64(FORMAT_VERSION)
+            f.attrs["meta"] = np.bytes_(meta_json.encode())
+            f.attrs["sha256"] = np.bytes_(_digest(items, meta_json).encode())
+            f.flush()
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
+def _text(value, what: str, path: Path) -> str:
+    if isinstance(value, bytes):
+        return value.decode("utf-8")
+    if isinstance(value, str):
+        return value
+    raise CheckpointError(path, f"wrong format: attribute {what} is not a string")
+
+
+def to_tensor(value) -> torch.Tensor:
+    """A read_h5 value (numpy array, or torch tensor for bit-view dtypes) as a torch tensor."""
+    return value if isinstance(value, torch.Tensor) else torch.from_numpy(np.asarray(value))
+
+
+def _from_bits(a: np.ndarray, name: str, key: str, path: Path) -> torch.Tensor:
+    dtype = getattr(torch, name, None)
+    if not isinstance(dtype, torch.dtype) or dtype.itemsize != a.dtype.itemsize or a.dtype.kind != "u":
+        raise CheckpointError(path, f"wrong format: {key} has torch_dtype={name!r} over {a.dtype}")
+    return torch.from_numpy(a.view(_INT_OF_WIDTH[a.dtype.itemsize])).view(dtype)
+
+
+def _read(path: Path, verify: bool) -> tuple[dict, dict]:
+    if not stat.S_ISREG(os.stat(path).st_mode):  # opening a FIFO would block
+        raise CheckpointError(path, "not a regular file")
+    with open(path, "rb") as fh:
+        head = fh.read(len(HDF5_SIGNATURE))
+    if len(head) < len(HDF5_SIGNATURE):
+        raise CheckpointError(path, f"truncated ({len(head)} bytes)")
+    if head != HDF5_SIGNATURE:
+        raise CheckpointError(path, "not an HDF5 file")
+    try:
+        f = h5py.File(path, "r")
+    except OSError as e:
+        reason = "truncated" if "truncated" in str(e) else "unreadable HDF5"
+        raise CheckpointError(path, f"{reason} ({e})") from None
+    with f:
+        fmt = f.attrs.get("format")
+        if fmt is None or _text(fmt, "format", path) != FORMAT:
+            raise CheckpointError(path, f"not a checkpoint (format attribute {fmt!r}, expected {FORMAT!r})")
+        version = f.attrs.get("format_version")
+        if version != FORMAT_VERSION:
+            raise CheckpointError(path, f"unsupported format_version {version} (expected {FORMAT_VERSION})")
+        meta_json = _text(f.attrs.get("meta", b""), "meta", path)
+        stored = _text(f.attrs.get("sha256", b""), "sha256", path)
+        datasets = []
+        f.visititems(lambda key, obj: datasets.append((key, obj)) if isinstance(obj, h5py.Dataset) else None)
+        items = []
+        for key, ds in datasets:
+            if ds.dtype.kind not in _NUMERIC_KINDS:
+                raise CheckpointError(path, f"wrong format: dataset {key} has non-numeric dtype {ds.dtype}")
+            torch_dtype = ds.attrs.get("torch_dtype")
+            items.append((key, np.asarray(ds[()]),
+                          None if torch_dtype is None else _text(torch_dtype, f"{key}.torch_dtype", path)))
+    if verify:
+        computed = _digest(items, meta_json)
+        if computed != stored:
+            raise CheckpointError(path, f"bad checksum (stored {stored[:12]}, computed {computed[:12]})")
+    try:
+        meta = json.loads(meta_json)
+    except ValueError as e:
+        raise CheckpointError(path, f"wrong format: meta is not JSON ({e})") from None
+    arrays = {key: a if t is None else _from_bits(a, t, key, path) for key, a, t in items}
+    return arrays, meta
+
+
+def read_h5(path, *, verify: bool = True) -> tuple[dict, dict]:
+    """Read a checkpoint: ({key: array}, meta). Raises only CheckpointError for an unusable file.
+
+    Values are numpy arrays, except keys stored from a torch dtype numpy lacks (bfloat16, float8),
+    which come back as torch tensors of that dtype; `to_tensor` turns either into a tensor.
+    """
+    path = Path(path)
+    try:
+        return _read(path, verify)
+    except CheckpointError:
+        raise
+    except FileNotFoundError:
+        raise CheckpointError(path, "no such file") from None
+    except Exception as e:  # noqa: BLE001 - a damaged file may surface as any error inside h5py/HDF5
+        raise CheckpointError(path, f"unreadable ({type(e).__name__}: {e})") from None
+
+
+def verify_h5(path) -> str | None:
+    """None if `path` is a sound checkpoint, else the reason it is not."""
+    try:
+        read_h5(path, verify=True)
+    except CheckpointError as e:
+        return e.reason
+    return None

@@ -1,0 +1,125 @@
+"""Command line: doctor · config · data prepare|import · train · report.
+
+Settings are validated before anything touches MPI, so a bad variable costs a second, not a queue wait.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from hpcdistill.config import ConfigError, describe, load_settings
+
+
+def _settings_or_exit():
+    try:
+        return load_settings()
+    except ConfigError as exc:
+        print(f"hpcdistill: {exc}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def cmd_config(args) -> int:
+    settings = _settings_or_exit()
+    rows = describe(settings)
+    if args.json:
+        import json
+        print(json.dumps(rows, indent=2))
+        return 0
+    width = max(len(r["variable"]) for r in rows)
+    vwidth = min(28, max(len(r["value"]) for r in rows))
+    print(f"{'variable':<{width}}  {'value':<{vwidth}}  {'source':<11}  default / meaning")
+    for r in rows:
+        default = f"[default {r['default']}] " if r["default"] not in ("", r["value"]) else ""
+        print(f"{r['variable']:<{width}}  {r['value']:<{vwidth}}  {r['source']:<11}  {default}{r['meaning']}")
+    return 0
+
+
+def cmd_data(args) -> int:
+    from hpcdistill.data import DataError, import_arrays, prepare
+
+    settings = _settings_or_exit()
+    data_dir = Path(args.data_dir) if args.data_dir else settings.data_dir
+    try:
+        if args.action == "prepare":
+            path = prepare(args.name, data_dir, seed=settings.seed, force=args.force)
+        else:
+            path = import_arrays(args.name, args.x, args.y, data_dir, val_fraction=args.val_fraction,
+                                 test_fraction=args.test_fraction, seed=settings.seed)
+    except DataError as exc:
+        print(f"hpcdistill: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {path}")
+    return 0
+
+
+def cmd_train(args) -> int:
+    settings = _settings_or_exit()
+    from hpcdistill.data import DataError
+    from hpcdistill.models import ModelError
+    from hpcdistill.teachers import TeacherError
+    from hpcdistill.training.loop import train
+
+    try:
+        return train(settings)
+    except (ConfigError, DataError, ModelError, TeacherError) as exc:
+        print(f"hpcdistill: {exc}", file=sys.stderr)
+        from mpi4py import MPI
+        if MPI.Is_initialized() and MPI.COMM_WORLD.Get_size() > 1:
+            MPI.COMM_WORLD.Abort(2)  # the other ranks may be waiting in a collective
+        return 2
+
+
+def cmd_doctor(args) -> int:
+    from hpcdistill.doctor import run_doctor
+
+    return run_doctor(run_dir=args.run_dir)
+
+
+def cmd_report(args) -> int:
+    from hpcdistill.report import report
+
+    return report([Path(p) for p in args.run_dirs], out=Path(args.out) if args.out else None)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="hpcdistill", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    d = sub.add_parser("doctor", help="check MPI, Horovod, RMA windows and HDF5 locking; say how to fix")
+    d.add_argument("--run-dir", default=None, help="directory whose filesystem to check (default RUN_DIR or .)")
+    d.set_defaults(func=cmd_doctor)
+
+    c = sub.add_parser("config", help="print every setting, its value, default, source and meaning")
+    c.add_argument("--json", action="store_true")
+    c.set_defaults(func=cmd_config)
+
+    data = sub.add_parser("data", help="prepare a built-in dataset or import your own arrays")
+    dsub = data.add_subparsers(dest="action", required=True)
+    pr = dsub.add_parser("prepare", help="write DATA_DIR/NAME/{train,val,test}.h5 (digits, text)")
+    pr.add_argument("name")
+    pr.add_argument("--data-dir", default=None)
+    pr.add_argument("--force", action="store_true", help="rebuild even if valid files exist")
+    im = dsub.add_parser("import", help="turn X.npy / Y.npy into the same HDF5 layout")
+    im.add_argument("name")
+    im.add_argument("--x", required=True)
+    im.add_argument("--y", required=True)
+    im.add_argument("--data-dir", default=None)
+    im.add_argument("--val-fraction", type=float, default=0.1)
+    im.add_argument("--test-fraction", type=float, default=0.1)
+    data.set_defaults(func=cmd_data)
+
+    t = sub.add_parser("train", help="the batch job (under mpirun or srun); HPCDISTILL_MODE picks the mode")
+    t.set_defaults(func=cmd_train)
+
+    r = sub.add_parser("report", help="a table and PNG plots comparing run directories")
+    r.add_argument("run_dirs", nargs="+")
+    r.add_argument("--out", default=None, help="output directory (default: the first run dir's report/)")
+    r.set_defaults(func=cmd_report)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)

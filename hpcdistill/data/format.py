@@ -1,0 +1,191 @@
+"""The on-disk dataset layout: DATA_DIR/NAME/{train,val,test}.h5, self-describing and checksummed.
+
+Each split file holds chunked datasets `x` and `y` (so a rank can read its rows without the rest)
+and file attributes that say what the data is. A sha256 over the bytes of x then y lets
+`dataset_info` tell a damaged or half-copied file from a good one before a job trains on it.
+Files are written under a temporary name and renamed, so readers never see a partial file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+FORMAT = "hpcdistill-dataset"
+FORMAT_VERSION = 1
+SPLITS = ("train", "val", "test")
+KINDS = ("image", "sequence")
+CHUNK_BYTES = 256 * 1024  # rows per chunk are chosen so one chunk is about this big
+
+
+class DataError(Exception):
+    """A dataset is missing, damaged or invalid; the message says what to do about it."""
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """What a prepared dataset holds, read from its files' attributes."""
+
+    name: str
+    kind: str  # "image": classification of fixed-shape float inputs; "sequence": next-token LM
+    num_classes: int  # classes, or vocabulary size for "sequence"
+    input_shape: tuple[int, ...]  # shape of one sample's x
+    sizes: dict[str, int]  # samples per split
+    source: str
+    vocab: str | None  # for "sequence": the character of each token id
+    path: Path  # the dataset directory
+
+    def file(self, split: str) -> Path:
+        return self.path / f"{split}.h5"
+
+
+def remedy(name: str) -> str:
+    """The command that (re)creates dataset `name`."""
+    from hpcdistill.data.builtin import BUILTIN_DATASETS
+
+    if name in BUILTIN_DATASETS:
+        return f"run `hpcdistill data prepare {name}`"
+    return (f"run `hpcdistill data import {name} --x X.npy --y Y.npy`, or `hpcdistill data prepare "
+            f"NAME` for a built-in dataset ({', '.join(BUILTIN_DATASETS)})")
+
+
+def write_split(directory: Path, split: str, x: np.ndarray, y: np.ndarray, *, name: str, kind: str,
+                num_classes: int, source: str, vocab: str | None = None) -> Path:
+    """Write one split file atomically (temporary file in the same directory, fsync, rename)."""
+    x, y = np.ascontiguousarray(x), np.ascontiguousarray(y)
+    if len(x) != len(y) or len(x) == 0:
+        raise ValueError(f"{split}: x has {len(x)} rows and y {len(y)}; need the same, non-zero")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    final = directory / f"{split}.h5"
+    tmp = directory / f".{split}.h5.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"  # created with the umask
+    try:
+        with h5py.File(tmp, "w") as f:
+            for key, arr in (("x", x), ("y", y)):
+                f.create_dataset(key, data=arr, chunks=_chunks(arr))
+            attrs = {"format": FORMAT, "format_version": FORMAT_VERSION, "name": name, "kind": kind,
+                     "num_classes": int(num_classes), "input_shape": np.asarray(x.shape[1:], np.int64),
+                     "source": source, "split": split, "sha256": _digest([x], [y])}
+            if vocab is not None:
+                attrs["vocab"] = vocab
+            f.attrs.update(attrs)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, final)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)  # make the rename itself durable
+    finally:
+        os.close(dir_fd)
+    return final
+
+
+def _chunks(arr: np.ndarray) -> tuple[int, ...]:
+    row_bytes = max(1, arr[:1].nbytes)
+    rows = max(1, min(len(arr), CHUNK_BYTES // row_bytes))
+    return (rows, *arr.shape[1:])
+
+
+def _blocks(ds):
+    """A dataset's rows in chunk-sized blocks, so hashing a big file never holds it all in memory."""
+    step = ds.chunks[0] if ds.chunks else max(1, CHUNK_BYTES // max(1, ds[:1].nbytes))
+    for a in range(0, ds.shape[0], step):
+        yield ds[a:a + step]
+
+
+def _digest(*parts) -> str:
+    """sha256 over the bytes of x then y, each given as an iterable of row blocks."""
+    h = hashlib.sha256()
+    for blocks in parts:
+        for block in blocks:
+            h.update(np.ascontiguousarray(block))
+    return h.hexdigest()
+
+
+def read_split_attrs(path: Path, *, verify: bool = False, name: str | None = None) -> dict:
+    """The attributes of one split file plus `rows` and `row_bytes` (x and y of one sample);
+    DataError if it is not a valid split file.
+
+    `verify` re-hashes x and y against the stored sha256 (reads the whole file)."""
+    path = Path(path)
+    fix = remedy(name or path.parent.name)
+    try:
+        with h5py.File(path, "r") as f:
+            attrs = {k: _plain(v) for k, v in f.attrs.items()}
+            if attrs.get("format") != FORMAT:
+                raise DataError(f"{path} is not an hpcdistill dataset file (format attribute "
+                                f"{attrs.get('format')!r}); {fix}")
+            if attrs.get("format_version") != FORMAT_VERSION:
+                raise DataError(f"{path} has format_version {attrs.get('format_version')!r}, this "
+                                f"hpcdistill reads {FORMAT_VERSION}; {fix}")
+            if "x" not in f or "y" not in f:
+                raise DataError(f"{path} lacks the x or y dataset; {fix}")
+            x, y = f["x"], f["y"]
+            attrs["rows"] = x.shape[0]
+            attrs["row_bytes"] = x.dtype.itemsize * int(np.prod(x.shape[1:])) + y.dtype.itemsize * int(
+                np.prod(y.shape[1:]))
+            if y.shape[0] != x.shape[0] or tuple(x.shape[1:]) != tuple(attrs.get("input_shape", ())):
+                raise DataError(f"{path}: x {x.shape} and y {y.shape} do not match input_shape "
+                                f"{attrs.get('input_shape')}; {fix}")
+            if attrs.get("kind") not in KINDS:
+                raise DataError(f"{path}: unknown kind {attrs.get('kind')!r} (expected one of {KINDS}); {fix}")
+            if verify and _digest(_blocks(x), _blocks(y)) != attrs.get("sha256"):
+                raise DataError(f"{path} is damaged: its x/y bytes do not match the stored sha256; {fix}")
+    except DataError:
+        raise
+    except FileNotFoundError:
+        raise DataError(f"dataset file {path} does not exist; {fix}") from None
+    except (OSError, KeyError, ValueError, TypeError, RuntimeError) as e:
+        raise DataError(f"{path} cannot be read as a dataset file ({e}); {fix}") from None
+    return attrs
+
+
+def _plain(v):
+    """h5py attribute values as plain Python (JSON-able) values."""
+    if isinstance(v, bytes):
+        return v.decode()
+    if isinstance(v, np.ndarray):
+        return tuple(int(i) for i in v)
+    if isinstance(v, np.generic):
+        return v.item()
+    return v
+
+
+def dataset_info(data_dir, name: str, *, verify: bool = True) -> DatasetInfo:
+    """Describe dataset `name` under `data_dir`, checking that its three split files agree.
+
+    With `verify` (the default) every file is re-hashed, so a damaged file is caught here rather
+    than mid-run; pass verify=False where only the attributes are needed (e.g. on every rank of a
+    large job after one rank has verified)."""
+    path = Path(data_dir) / name
+    if not path.is_dir():
+        raise DataError(f"dataset {name!r} not found: {path} does not exist; {remedy(name)}")
+    missing = [s for s in SPLITS if not (path / f"{s}.h5").is_file()]
+    if missing:
+        raise DataError(f"dataset {name!r} in {path} is incomplete (missing "
+                        f"{', '.join(s + '.h5' for s in missing)}); {remedy(name)}")
+    splits = {s: read_split_attrs(path / f"{s}.h5", verify=verify, name=name) for s in SPLITS}
+    first = splits["train"]
+    for s, a in splits.items():
+        for key in ("name", "kind", "num_classes", "input_shape", "vocab"):
+            if a.get(key) != first.get(key):
+                raise DataError(f"dataset {name!r}: {s}.h5 has {key}={a.get(key)!r} but train.h5 has "
+                                f"{first.get(key)!r} (files from different datasets?); {remedy(name)}")
+        if a.get("split") != s:
+            raise DataError(f"{path / (s + '.h5')} holds split {a.get('split')!r}, not {s!r}; {remedy(name)}")
+    return DatasetInfo(name=first["name"], kind=first["kind"], num_classes=int(first["num_classes"]),
+                       input_shape=tuple(first["input_shape"]),
+                       sizes={s: int(a["rows"]) for s, a in splits.items()},
+                       source=first["source"], vocab=first.get("vocab"), path=path)

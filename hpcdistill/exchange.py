@@ -1,0 +1,142 @@
+"""Codistillation's teacher exchange: group leaders publish and discover checkpoints on a shared FS.
+
+Layout: <directory>/group-<g>/step-<step:08d>.h5, the same checkpoint format as run checkpoints
+(model/... arrays; meta with group, step, arch, health, time). Files appear atomically (write_h5), so
+a reader sees whole files only. The writer deletes its older files, so a file listed by a reader may
+vanish before it is opened: that is not an error, just a lost race. A peer group may crash or
+diverge; its files must not poison the others, so every file is verified (checksum), checked for
+architecture, non-finite weights and reported divergence before it is used as a teacher. Only h5py
+reads these files: nothing from the shared filesystem is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .checkpoints import CheckpointError, CheckpointManager, capture, numbered_files, read_h5
+
+
+@dataclass
+class PeerCheckpoint:
+    group: int
+    step: int
+    path: Path
+    arrays: dict
+    meta: dict
+
+
+def _non_finite_key(arrays: dict) -> str | None:
+    for key, a in arrays.items():
+        if not key.startswith("model/"):
+            continue
+        if isinstance(a, torch.Tensor):
+            bad = a.is_floating_point() and not bool(torch.isfinite(a).all())
+        else:
+            bad = a.dtype.kind in "fc" and not bool(np.isfinite(a).all())
+        if bad:
+            return key
+    return None
+
+
+class Exchange:
+    """One group's view of the exchange directory (used by group leaders only)."""
+
+    def __init__(self, directory, *, group: int, num_groups: int, keep: int = 3,
+                 divergence_ratio: float = 4.0):
+        if not 0 <= group < num_groups:
+            raise ValueError(f"group {group} is not in 0..{num_groups - 1}")
+        self.directory = Path(directory)
+        self.group = group
+        self.num_groups = num_groups
+        self.divergence_ratio = divergence_ratio
+        self._own = CheckpointManager(self._group_dir(group), keep=keep)
+        self._rejected: dict[int, dict[Path, tuple]] = {}  # peer -> {path: (inode, mtime_ns, size)}
+
+    def _group_dir(self, group: int) -> Path:
+        return self.directory / f"group-{group}"
+
+    def publish(self, step: int, model, *, arch: dict, health: dict) -> Path:
+        """Write this group's model at `step`, then delete this group's files beyond the newest `keep`.
+
+        `health` (e.g. {"train_loss": ..., "initial_loss": ...}) lets peers refuse a diverged teacher;
+        "finite" is added here from the weights themselves.
+        """
+        arrays, meta = capture(model, step=step, arch=arch, rng=False,
+                               meta={"group": self.group, "time": time.time()})
+        meta["health"] = {**health, "finite": _non_finite_key(arrays) is None}
+        return self._own.save(step, arrays, meta)
+
+    def peers(self) -> list[int]:
+        return [g for g in range(self.num_groups) if g != self.group]
+
+    def _problem(self, peer: int, step: int, arrays: dict, meta: dict, expect_arch: dict) -> str | None:
+        """Why a verified file must not be used as a teacher, or None."""
+        if meta.get("group") != peer:
+            return f"group mismatch: file says group {meta.get('group')}, found in group-{peer}"
+        if meta.get("step") != step:
+            return f"step mismatch: file name says {step}, meta says {meta.get('step')}"
+        expected = json.loads(json.dumps(expect_arch))  # compare as stored: tuples become lists
+        if meta.get("arch") != expected:
+            return f"architecture {meta.get('arch')} but expected {expected}"
+        bad_key = _non_finite_key(arrays)
+        if bad_key is not None:
+            return f"non-finite (NaN/inf) weights in {bad_key}"
+        health = meta.get("health") or {}
+        if health.get("finite") is False:
+            return "publisher reported non-finite weights"
+        loss, initial = health.get("train_loss"), health.get("initial_loss")
+        if loss is not None and not math.isfinite(loss):
+            return f"diverged: train_loss={loss}"
+        if loss is not None and initial is not None and math.isfinite(initial) \
+                and loss > self.divergence_ratio * initial:
+            return f"diverged: train_loss {loss:.4g} > {self.divergence_ratio:g} x initial_loss {initial:.4g}"
+        return None
+
+    def freshest(self, peer: int, *, expect_arch: dict, min_step: int | None = None,
+                 exclude_path_steps: set | None = None
+                 ) -> tuple[PeerCheckpoint | None, list[tuple[Path, str]]]:
+        """The newest usable checkpoint of `peer`, and the files refused on the way as [(path, reason)].
+
+        Files with step < min_step are not read (pass the step of the teacher in hand + 1 to read only
+        newer ones). Files whose step or path is in `exclude_path_steps` are skipped. A refused file
+        is remembered by (inode, mtime, size) and neither re-read nor re-reported until it changes.
+        """
+        exclude = exclude_path_steps or set()
+        files = numbered_files(self._group_dir(peer))
+        listed = {p for _, p in files}  # refused files that are gone are forgotten
+        rejected = {p: sig for p, sig in self._rejected.get(peer, {}).items() if p in listed}
+        self._rejected[peer] = rejected
+        rejections = []
+        for step, path in files:
+            if min_step is not None and step < min_step:
+                break
+            if step in exclude or path in exclude:
+                continue
+            try:
+                st = path.stat()
+            except FileNotFoundError:
+                continue
+            signature = (st.st_ino, st.st_mtime_ns, st.st_size)
+            if rejected.get(path) == signature:
+                continue
+            try:
+                arrays, meta = read_h5(path)
+            except CheckpointError as e:
+                if not os.path.exists(path):  # deleted by the writer's rotation meanwhile
+                    continue
+                reason = e.reason
+            else:
+                reason = self._problem(peer, step, arrays, meta, expect_arch)
+                if reason is None:
+                    return PeerCheckpoint(peer, step, path, arrays, meta), rejections
+            rejected[path] = signature
+            rejections.append((path, reason))
+        return None, rejections

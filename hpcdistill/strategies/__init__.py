@@ -1,0 +1,1 @@
+"""Updaters: how a rank's gradients become weight updates (Horovod allreduce, or DC-ASGD over RMA)."""

@@ -1,0 +1,194 @@
+"""Teacher sources: where the distillation term's predictions come from.
+
+- `PeerTeachers` (codistillation): the freshest healthy checkpoint of every other group, found in
+  the exchange directory by this group's leader, read once and broadcast inside the group.
+- `FixedTeachers` (distillation): a teacher or an ensemble from checkpoint files or run directories,
+  verified before training starts.
+Teachers run forward only, in eval mode, without gradients.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from hpcdistill.checkpoints import CheckpointError, CheckpointManager, model_arrays, read_h5
+from hpcdistill.comm.broadcast import bcast_tree
+from hpcdistill.exchange import Exchange
+from hpcdistill.log import get_logger
+from hpcdistill.models import build_model, count_parameters
+
+log = get_logger("teachers")
+
+
+class TeacherError(Exception):
+    """A teacher given by the user cannot be used (exit code 2: fix the setting)."""
+
+    exit_code = 2
+
+
+def _model_from(arrays: dict, arch: dict, device) -> torch.nn.Module:
+    model = build_model(arch)
+    model.load_state_dict(model_arrays(arrays))
+    return model.to(device).eval().requires_grad_(False)
+
+
+class _Teachers:
+    models: list[torch.nn.Module]
+
+    @torch.no_grad()
+    def logits(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return [m(x) for m in self.models]
+
+
+class PeerTeachers(_Teachers):
+    """Codistillation teachers: the other groups' recent models, via the shared filesystem.
+
+    A peer further than `max_staleness` steps behind is dropped from the loss (policy "drop", the
+    default: a very stale teacher slows training down, Anil et al. 2018, and waiting would couple the
+    groups that codistillation keeps independent), or waited for (policy "wait", bounded by
+    `wait_timeout` seconds and never for a peer that has finished).
+    """
+
+    def __init__(self, exchange_dir: Path, *, comm, group: int, num_groups: int, arch: dict, device,
+                 max_staleness: int, policy: str = "drop", wait_timeout: float = 600.0):
+        self.comm, self.arch, self.device = comm, arch, device
+        self.leader = comm.Get_rank() == 0
+        self.max_staleness, self.policy, self.wait_timeout = max_staleness, policy, wait_timeout
+        self.exchange = Exchange(exchange_dir, group=group, num_groups=num_groups) if self.leader else None
+        self.peers = [g for g in range(num_groups) if g != group]
+        self.current: dict[int, tuple[int, torch.nn.Module, bool]] = {}  # peer -> (step, model, final)
+        self.published = self.loaded = self.rejected = 0
+        self.staleness: list[int] = []
+        self.publish_seconds = self.load_seconds = 0.0
+
+    @property
+    def models(self) -> list[torch.nn.Module]:
+        return [m for _, m, _ in self.current.values()]
+
+    def publish(self, step: int, model, health: dict, final: bool = False) -> None:
+        if self.leader:
+            t = time.perf_counter()
+            self.exchange.publish(step, model, arch=self.arch, health={**health, "final": final})
+            self.publish_seconds += time.perf_counter() - t
+            self.published += 1
+
+    def refresh(self, step: int) -> None:
+        """Leader looks for fresher peer checkpoints; the group receives them (collective in comm)."""
+        t = time.perf_counter()
+        for peer in self.peers:
+            have = self.current.get(peer)
+            found = None
+            if self.leader:
+                found = self._find(peer, step, newer_than=have[0] if have else None)
+            self._receive(peer, found)
+        self._enforce_staleness(step)
+        self.load_seconds += time.perf_counter() - t
+
+    def _receive(self, peer: int, found) -> None:
+        """Broadcast what the leader found (or nothing) and load it as the peer's teacher."""
+        meta = {"step": found.step, "final": bool(found.meta.get("health", {}).get("final"))} if found else None
+        arrays, meta = bcast_tree(self.comm, found.arrays if found else None, meta)
+        if arrays is not None:
+            self.current[peer] = (meta["step"], _model_from(arrays, self.arch, self.device), meta["final"])
+            self.loaded += 1
+
+    def _find(self, peer: int, step: int, newer_than: int | None):
+        oldest = max(0, step - self.max_staleness, -1 if newer_than is None else newer_than + 1)
+        found, rejections = self.exchange.freshest(peer, expect_arch=self.arch, min_step=oldest)
+        for path, reason in rejections:
+            self.rejected += 1
+            log.warning("refused teacher %s: %s", path, reason)
+        return found
+
+    def _enforce_staleness(self, step: int) -> None:
+        for peer, (peer_step, _, final) in list(self.current.items()):
+            if step - peer_step <= self.max_staleness:
+                continue
+            if self.policy == "wait" and not final:
+                self._wait_for(peer, step)
+                if peer in self.current and step - self.current[peer][0] <= self.max_staleness:
+                    continue
+            log.info("dropping teacher of group %d: %d steps stale > HPCDISTILL_MAX_STALENESS=%d",
+                     peer, step - peer_step, self.max_staleness)
+            del self.current[peer]
+
+    def _wait_for(self, peer: int, step: int) -> None:
+        """Leader polls until the peer publishes something fresh enough or the timeout passes."""
+        deadline = time.monotonic() + self.wait_timeout
+        found = None
+        if self.leader:
+            while found is None and time.monotonic() < deadline:
+                found = self._find(peer, step, newer_than=self.current[peer][0])
+                if found is None:
+                    time.sleep(0.2)
+        self._receive(peer, found)
+
+    def teachers_for(self, step: int) -> list[torch.nn.Module]:
+        """The teachers usable at `step`, recording their staleness."""
+        out = []
+        for peer_step, model, _ in self.current.values():
+            if step - peer_step <= self.max_staleness:
+                self.staleness.append(max(0, step - peer_step))
+                out.append(model)
+        return out
+
+    def summary(self) -> dict:
+        s = np.array(self.staleness or [0])
+        return {
+            "exchanges_published": self.published, "teachers_loaded": self.loaded,
+            "teachers_rejected": self.rejected,
+            "teacher_staleness": {"mean": float(s.mean()), "max": int(s.max())},
+            "publish_seconds": self.publish_seconds, "load_seconds": self.load_seconds,
+        }
+
+
+def resolve_teacher_files(paths) -> list[Path]:
+    """Files as given; a run directory stands for the newest valid checkpoint of each of its groups."""
+    files = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            ckdir = p / "checkpoints"
+            dirs = sorted(ckdir.glob("group-*")) or [ckdir]
+            found = [CheckpointManager(d).latest_valid() for d in dirs]
+            found = [f[0] for f in found if f is not None]
+            if not found:
+                raise TeacherError(f"HPCDISTILL_TEACHERS: no valid checkpoint under {ckdir}; "
+                                   "point at a finished run directory or at .h5 files")
+            files.extend(found)
+        else:
+            files.append(p)
+    return files
+
+
+class FixedTeachers(_Teachers):
+    """Distillation teachers: read and verified by the leader, broadcast to every rank of `comm`."""
+
+    def __init__(self, paths, *, comm, device):
+        self.files, error, trees = [], None, []
+        if comm.Get_rank() == 0:
+            try:
+                self.files = resolve_teacher_files(paths)
+                for f in self.files:
+                    arrays, meta = read_h5(f)
+                    if "arch" not in meta:
+                        raise TeacherError(f"{f}: not a model checkpoint of hpcdistill (no architecture record)")
+                    trees.append((arrays, meta))
+            except (CheckpointError, TeacherError) as exc:
+                error = f"HPCDISTILL_TEACHERS: teacher refused: {exc}"
+        _, head = bcast_tree(comm, None, {"error": error, "n": len(trees), "files": [str(f) for f in self.files]})
+        if head["error"]:
+            raise TeacherError(head["error"])
+        self.files = [Path(f) for f in head["files"]]
+        self.models, self.archs = [], []
+        for i in range(head["n"]):
+            arrays, meta = bcast_tree(comm, *(trees[i] if trees else (None, None)))
+            self.models.append(_model_from(arrays, meta["arch"], device))
+            self.archs.append(meta["arch"])
+
+    @property
+    def parameters(self) -> int:
+        return sum(count_parameters(m) for m in self.models)

@@ -1,0 +1,1 @@
+"""The one training loop, its objective (what the loss is) and evaluation."""

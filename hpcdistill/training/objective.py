@@ -1,0 +1,54 @@
+"""What the loss is: the task loss, plus a teacher term in codistill and distill modes.
+
+codistill: L = task(y, z) + alpha * T^2 * CE(mean_j softmax(v_j / T), softmax(z / T)), alpha = 0
+           during burn-in (Anil et al. 2018); the label-smoothing control swaps the peers' average
+           for a smoothed one-hot target of the same weight.
+distill:   L = (1 - a) * task(y, z) + a * T^2 * CE(mean softmax(v / T), softmax(z / T)) (Hinton et
+           al. 2015), or squared error between logits.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from hpcdistill import losses
+
+
+class Objective:
+    def __init__(self, settings, num_classes: int, teachers=None):
+        self.s, self.num_classes, self.teachers = settings, num_classes, teachers
+        self.kind = {"sync": "task", "async": "task", "distill": "distill"}.get(settings.mode, "codistill")
+        if self.kind == "codistill" and settings.codistill_target == "label-smoothing":
+            self.kind = "label-smoothing"
+
+    def alpha(self, step: int) -> float:
+        if self.kind in ("codistill", "label-smoothing") and step < self.s.burn_in:
+            return 0.0
+        return self.s.distill_weight
+
+    def __call__(self, model, x: torch.Tensor, y: torch.Tensor, step: int) -> tuple[torch.Tensor, dict]:
+        z = model(x)
+        T, a = self.s.temperature, self.alpha(step)
+        if self.kind == "task":
+            loss = losses.task_loss(z, y)
+            return loss, {"loss": loss.item()}
+        if self.kind == "distill":
+            v = self.teachers.logits(x)
+            if self.s.distill_loss == "logits":
+                task = losses.task_loss(z, y) if a < 1 else z.new_zeros(())
+                soft = losses.logit_matching_loss(z, v)
+                loss = (1 - a) * task + a * soft
+            else:
+                loss = losses.hinton_loss(z, y if a < 1 else None, v, temperature=T, alpha=a)
+            return loss, {"loss": loss.item()}
+        if self.kind == "label-smoothing":
+            task = losses.task_loss(z, y)
+            target = losses.smoothed_labels(y, self.num_classes, self.s.label_smoothing)
+            distill = losses.distillation_loss(z, target, T) if a > 0 else z.new_zeros(())
+            loss = task + a * distill
+            return loss, {"loss": loss.item(), "task_loss": task.item(), "distill_loss": distill.item()}
+        with torch.no_grad():
+            peers = [m(x) for m in self.teachers.teachers_for(step)] if a > 0 else []
+        loss, task, distill = losses.codistill_loss(z, y, peers, temperature=T, alpha=a)
+        return loss, {"loss": loss.item(), "task_loss": task.item(), "distill_loss": distill.item(),
+                      "teachers": len(peers)}
