@@ -28,7 +28,7 @@ class SyncUpdater:
     def step(self, model, compute_loss, lr: float) -> dict:
         for g in self.optimizer.param_groups:
             g["lr"] = lr
-        self.optimizer.zero_grad(set_to_none=True)
+        self.optimizer.zero_grad()
         loss, parts = compute_loss()
         loss.backward()
         t = time.perf_counter()
