@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import Literal, Optional
 
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 PREFIX = "HPCDISTILL_"
@@ -107,9 +107,21 @@ class Settings(BaseSettings):
         "soft", description="soft targets at temperature T, or squared error between logits")
     omit_classes: str = Field("", description="comma-separated classes left out of the distill transfer set")
 
+    @field_validator("param_hosts")
+    @classmethod
+    def _check_hosts(cls, value: str) -> str:
+        _ranks(value)
+        return value
+
+    @field_validator("omit_classes")
+    @classmethod
+    def _check_classes(cls, value: str) -> str:
+        if value and not all(c.strip().isdigit() for c in value.split(",")):
+            raise ValueError("expected comma-separated class indices, e.g. 3 or 3,5")
+        return value
+
     @model_validator(mode="after")
     def _cross_check(self) -> "Settings":
-        _ranks(self.param_hosts)
         if self.mode == "distill":
             if not self.teachers:
                 raise ValueError("HPCDISTILL_TEACHERS: distill mode needs teacher checkpoints (comma-separated .h5 files or codistill run dirs)")
@@ -117,8 +129,6 @@ class Settings(BaseSettings):
                 raise ValueError("HPCDISTILL_DISTILL_WEIGHT: in distill mode alpha weighs soft against hard targets and must be <= 1")
         if self.groups is not None and self.groups > 1 and self.mode != "codistill":
             raise ValueError(f"HPCDISTILL_GROUPS={self.groups}: several groups exist only in codistill mode")
-        if self.omit_classes and not all(c.strip().isdigit() for c in self.omit_classes.split(",")):
-            raise ValueError("HPCDISTILL_OMIT_CLASSES: expected comma-separated class indices, e.g. 3 or 3,5")
         return self
 
     # Derived values: defaults that depend on other settings.

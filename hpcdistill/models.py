@@ -236,5 +236,5 @@ def build_model(arch: dict) -> nn.Module:
 
 
 def count_parameters(model: nn.Module) -> int:
-    """Number of trainable parameters."""
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+    """Number of parameters (frozen teachers included: it measures the model's size)."""
+    return sum(p.numel() for p in model.parameters())

@@ -130,8 +130,9 @@ class Trainer:
                              num_classes=self.info.num_classes)
         torch.manual_seed(s.seed * 1000 + topo.group)  # each group its own initialisation
         self.model = build_model(self.arch).to(topo.device)
-        self.optimizer, self.peak_lr = make_optimizer(s, self.model, self.info.kind)
-        self.updater = make_updater(s, topo, self.model, self.optimizer)
+        optimizer, self.peak_lr = make_optimizer(s, self.model, self.info.kind)
+        self.updater = make_updater(s, topo, self.model, optimizer)
+        self.optimizer = self.updater.optimizer  # the one holding the state (Horovod wraps a copy)
         if topo.rank == 0:
             _write_config(self.run_dir, s, topo, self.arch)
 

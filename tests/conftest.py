@@ -1,0 +1,64 @@
+"""Shared fixtures: real `mpirun` launches and prepared datasets in temporary directories."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+HPCDISTILL = str(BIN / "hpcdistill")
+
+
+def mpirun_cmd(np_: int, *args: str) -> list[str]:
+    cmd = ["mpirun", "--oversubscribe", "-np", str(np_)]
+    if os.geteuid() == 0:
+        cmd.insert(1, "--allow-run-as-root")
+    return cmd + list(args)
+
+
+def clean_env(**settings) -> dict:
+    """The test process's environment without stray HPCDISTILL_* settings, plus `settings`."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HPCDISTILL_")}
+    env.update({"OMP_NUM_THREADS": "1", "PATH": f"{BIN}:{env.get('PATH', '')}"})
+    env.update({k: str(v) for k, v in settings.items()})
+    return env
+
+
+def run_mpi(np_: int, args: list[str], timeout: float = 300, **settings) -> subprocess.CompletedProcess:
+    return subprocess.run(mpirun_cmd(np_, *args), env=clean_env(**settings), capture_output=True,
+                          text=True, timeout=timeout, cwd=ROOT)
+
+
+def train(np_: int, run_dir: Path, timeout: float = 300, check: bool = True, **settings) -> subprocess.CompletedProcess:
+    """`mpirun -np N hpcdistill train` with HPCDISTILL_* settings given as keyword arguments."""
+    env = {"HPCDISTILL_RUN_DIR": str(run_dir), "HPCDISTILL_RESUME": "never"}
+    env.update({f"HPCDISTILL_{k.upper()}": v for k, v in settings.items()})
+    proc = run_mpi(np_, [HPCDISTILL, "train"], timeout=timeout, **env)
+    if check:
+        assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    return proc
+
+
+def summary(run_dir: Path) -> dict:
+    return json.loads((Path(run_dir) / "summary.json").read_text())
+
+
+def metrics(run_dir: Path, name: str = "metrics.jsonl") -> list[dict]:
+    return [json.loads(line) for line in (Path(run_dir) / name).read_text().splitlines()]
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory) -> Path:
+    """digits and text prepared once per session."""
+    from hpcdistill.data import prepare
+
+    d = tmp_path_factory.mktemp("datasets")
+    prepare("digits", d)
+    prepare("text", d)
+    return d

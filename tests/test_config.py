@@ -1,0 +1,148 @@
+"""Settings: every variable parses, every bad value fails with exit 2 naming variable and expectation."""
+
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+
+from conftest import HPCDISTILL, clean_env
+from hpcdistill.config import PREFIX, ConfigError, Settings, describe, load_settings
+
+# One invalid value for every setting, and a phrase the message must contain.
+BAD = {
+    "MODE": ("train", "sync"),
+    "DATASET": ("", None),  # empty means "unset": checked separately below
+    "DATA_DIR": (None, None),
+    "RUN_DIR": (None, None),
+    "MODEL": (None, None),
+    "STEPS": ("abc", "valid integer"),
+    "BATCH_SIZE": ("0", "greater than 0"),
+    "LR": ("-0.1", "greater than 0"),
+    "OPTIMIZER": ("lamb", "sgd"),
+    "MOMENTUM": ("1.5", "less than 1"),
+    "WEIGHT_DECAY": ("-1", "greater than or equal to 0"),
+    "WARMUP_STEPS": ("-3", "greater than or equal to 0"),
+    "SEED": ("x", "valid integer"),
+    "EVAL_EVERY": ("0", "greater than 0"),
+    "LOG_EVERY": ("ten", "valid integer"),
+    "CHECKPOINT_EVERY": ("-5", "greater than 0"),
+    "KEEP_CHECKPOINTS": ("0", "greater than 0"),
+    "RESUME": ("always", "auto"),
+    "GROUPS": ("0", "greater than 0"),
+    "GROUP_MODE": ("ring", "sync"),
+    "EXCHANGE_DIR": (None, None),
+    "EXCHANGE_EVERY": ("0", "greater than 0"),
+    "MAX_STALENESS": ("soon", "valid integer"),
+    "STALE_POLICY": ("ignore", "drop"),
+    "BURN_IN": ("-1", "greater than or equal to 0"),
+    "DISTILL_WEIGHT": ("-0.5", "greater than or equal to 0"),
+    "TEMPERATURE": ("0", "greater than 0"),
+    "CODISTILL_TARGET": ("teachers", "peers"),
+    "LABEL_SMOOTHING": ("1", "less than 1"),
+    "DATA_SPLIT": ("random", "disjoint"),
+    "ASYNC_RULE": ("dcasgd", "asgd"),
+    "ASYNC_LR": ("adaptive", "constant"),
+    "DC_LAMBDA": ("-1", "greater than or equal to 0"),
+    "DC_MEANSQ_DECAY": ("1.0", "less than 1"),
+    "PARAM_HOSTS": ("a,b", "comma-separated list"),
+    "STALENESS_BOUND": ("-2", "greater than or equal to 0"),
+    "STRAGGLER_RANK": ("x", "valid integer"),
+    "STRAGGLER_DELAY": ("-1", "greater than or equal to 0"),
+    "TEACHERS": (None, None),  # any path list is syntactically fine; checked with MODE=distill below
+    "DISTILL_LOSS": ("mse", "soft"),
+    "OMIT_CLASSES": ("three", "class indices"),
+}
+
+# Settings whose every non-empty value is syntactically valid (paths, names) are covered elsewhere:
+# a missing dataset or model fails at start with its own error (see test_sync / test_models).
+FREE_FORM = {"DATASET", "DATA_DIR", "RUN_DIR", "MODEL", "EXCHANGE_DIR", "TEACHERS"}
+
+
+def test_every_setting_has_a_bad_value_case():
+    assert set(BAD) == {name.upper() for name in Settings.model_fields}
+
+
+@pytest.fixture
+def env(monkeypatch):
+    for k in list(__import__("os").environ):
+        if k.startswith(PREFIX):
+            monkeypatch.delenv(k)
+    for k in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "SLURM_NTASKS"):
+        monkeypatch.delenv(k, raising=False)
+    return monkeypatch
+
+
+@pytest.mark.parametrize("name", sorted(n for n in BAD if n not in FREE_FORM))
+def test_bad_value_names_variable_value_and_expectation(env, name):
+    value, phrase = BAD[name]
+    env.setenv(PREFIX + name, value)
+    with pytest.raises(ConfigError) as exc:
+        load_settings()
+    msg = str(exc.value)
+    assert f"{PREFIX}{name}" in msg and repr(value) in msg, msg
+    assert phrase in msg, msg
+
+
+def test_defaults_and_derived_values(env):
+    s = load_settings()
+    assert (s.mode, s.dataset, s.steps, s.resume, s.num_groups, s.lambda0) == ("sync", "digits", 300, "auto", 1, 2.0)
+    env.setenv("HPCDISTILL_MODE", "codistill")
+    assert load_settings().num_groups == 2
+    env.setenv("HPCDISTILL_STALENESS_BOUND", "")  # empty = unbounded
+    assert load_settings().staleness_bound is None
+
+
+def test_cross_checks(env):
+    env.setenv("HPCDISTILL_MODE", "codistill")
+    env.setenv("HPCDISTILL_GROUPS", "3")
+    env.setenv("OMPI_COMM_WORLD_SIZE", "4")
+    with pytest.raises(ConfigError, match="HPCDISTILL_GROUPS=3: the world size 4 is not divisible"):
+        load_settings()
+    env.setenv("HPCDISTILL_MODE", "sync")
+    with pytest.raises(ConfigError, match="only in codistill"):
+        load_settings()
+    env.delenv("HPCDISTILL_GROUPS")
+    env.setenv("HPCDISTILL_MODE", "distill")
+    with pytest.raises(ConfigError, match="HPCDISTILL_TEACHERS"):
+        load_settings()
+    env.setenv("HPCDISTILL_TEACHERS", "a.h5")
+    env.setenv("HPCDISTILL_DISTILL_WEIGHT", "1.5")
+    with pytest.raises(ConfigError, match="must be <= 1"):
+        load_settings()
+    env.delenv("HPCDISTILL_DISTILL_WEIGHT")
+    env.setenv("HPCDISTILL_MODE", "async")
+    env.setenv("HPCDISTILL_PARAM_HOSTS", "0,1,2,3")
+    with pytest.raises(ConfigError, match="at least one worker"):
+        load_settings()
+    env.setenv("HPCDISTILL_PARAM_HOSTS", "7")
+    with pytest.raises(ConfigError, match=r"rank\(s\) \[7\] do not exist"):
+        load_settings()
+
+
+def test_unknown_variable_is_refused_with_a_suggestion(env):
+    env.setenv("HPCDISTILL_TEMPERATUR", "2")
+    with pytest.raises(ConfigError, match="did you mean HPCDISTILL_TEMPERATURE"):
+        load_settings()
+
+
+def test_describe_reports_source(env):
+    env.setenv("HPCDISTILL_STEPS", "12")
+    rows = {r["variable"]: r for r in describe(load_settings())}
+    assert rows["HPCDISTILL_STEPS"]["value"] == "12" and rows["HPCDISTILL_STEPS"]["source"] == "environment"
+    assert rows["HPCDISTILL_SEED"]["source"] == "default" and rows["HPCDISTILL_SEED"]["meaning"]
+
+
+def test_cli_config_exit_codes():
+    bad = subprocess.run([HPCDISTILL, "config"], env=clean_env(HPCDISTILL_STEPS="abc"), capture_output=True, text=True)
+    assert bad.returncode == 2 and "HPCDISTILL_STEPS" in bad.stderr and "'abc'" in bad.stderr
+    good = subprocess.run([HPCDISTILL, "config"], env=clean_env(HPCDISTILL_STEPS="7"), capture_output=True, text=True)
+    assert good.returncode == 0 and any(l.split()[:3] == ["HPCDISTILL_STEPS", "7", "environment"]
+                                        for l in good.stdout.splitlines())
+
+
+def test_train_with_bad_setting_fails_before_mpi():
+    """Exit 2 in a second, without starting MPI (no mpirun, no singleton init)."""
+    proc = subprocess.run([HPCDISTILL, "train"], env=clean_env(HPCDISTILL_BATCH_SIZE="-1"), capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 2 and "HPCDISTILL_BATCH_SIZE='-1'" in proc.stderr

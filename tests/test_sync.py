@@ -1,0 +1,121 @@
+"""Sync data parallelism end to end with real `mpirun` runs: accuracy, agreement, checkpoints, resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from conftest import HPCDISTILL, ROOT, clean_env, metrics, mpirun_cmd, run_mpi, summary, train
+from hpcdistill.checkpoints import CheckpointManager, read_h5
+
+
+def _final_model(run_dir: Path) -> tuple[int, dict]:
+    path, arrays, meta = CheckpointManager(Path(run_dir) / "checkpoints").latest_valid()
+    return meta["step"], {k: np.asarray(v) for k, v in arrays.items() if k.startswith("model/")}
+
+
+def test_digits_four_ranks_identical_weights_and_accuracy(tmp_path, data_dir):
+    run = tmp_path / "run"
+    out = tmp_path / "hashes.json"
+    env = {"HPCDISTILL_RUN_DIR": str(run), "HPCDISTILL_DATA_DIR": str(data_dir), "HPCDISTILL_STEPS": "300",
+           "HPCDISTILL_RESUME": "never"}
+    proc = run_mpi(4, [sys.executable, str(ROOT / "tests/mpi/train_and_hash.py"), str(out)], **env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    hashes = json.loads(out.read_text())
+    assert len(hashes) == 4 and len({h for _, h in hashes.values()}) == 1  # bitwise identical on every rank
+    s = summary(run)
+    assert s["mode"] == "sync" and s["world_size"] == 4 and s["num_groups"] == 1
+    assert s["groups"][0]["ranks"] == [0, 1, 2, 3] and s["groups"][0]["test_accuracy"] >= 0.93
+    losses = [m["loss"] for m in metrics(run) if "loss" in m]
+    assert np.mean(losses[-5:]) < 0.25 * np.mean(losses[:3])
+    # one rank speaks: progress lines come from world rank 0 only
+    assert "[g0 r0/4 w0] INFO step 300/300" in proc.stdout and "w1] INFO" not in proc.stdout
+    assert {"config.json", "metrics.jsonl", "summary.json", "checkpoints"} <= {p.name for p in run.iterdir()}
+
+
+def test_text_validation_loss_falls(tmp_path, data_dir):
+    run = tmp_path / "text"
+    train(2, run, data_dir=data_dir, dataset="text", model="charlm-small", steps=60, eval_every=20,
+          batch_size=16, log_every=20)
+    vals = [m["val_loss"] for m in metrics(run) if "val_loss" in m]
+    final = summary(run)["groups"][0]["val_loss"]
+    assert len(vals) == 2 and vals[0] > vals[1] > final
+    assert final < np.log(97) * 0.75  # well below the uniform guess over the 97-character vocabulary
+
+
+def _stop_midway(cmd, env, run_dir: Path, after_step: int, how: str) -> subprocess.Popen:
+    """Start a run and signal it once it has logged `after_step`; return the finished process."""
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if f"step {after_step}/" in line:
+            if how == "mpirun-usr2":  # what Slurm does with --signal: mpirun forwards USR2 to every rank
+                proc.send_signal(signal.SIGUSR2)
+            else:  # SIGTERM straight to every rank (srun / scancel --signal=TERM)
+                pids = subprocess.run(["pgrep", "-f", "hpcdistill train", "-P", str(proc.pid)],
+                                      capture_output=True, text=True).stdout.split()
+                assert pids, "no rank processes found"
+                for pid in pids:
+                    os.kill(int(pid), signal.SIGTERM)
+            break
+    out, _ = proc.communicate(timeout=300)
+    proc.output = "".join(lines) + out
+    return proc
+
+
+def test_signal_checkpoints_and_resume_matches_uninterrupted_run(tmp_path, data_dir):
+    # The straggler (10x its step time asleep) slows the run so the signal lands mid-way; it does not
+    # change the arithmetic, so the reference run is the same computation.
+    settings = dict(data_dir=data_dir, steps=200, checkpoint_every=1000, log_every=10,
+                    straggler_rank=1, straggler_delay=10)
+    reference = tmp_path / "reference"
+    train(2, reference, **settings)
+
+    for how in ("mpirun-usr2", "sigterm"):
+        run = tmp_path / how
+        env = clean_env(**{f"HPCDISTILL_{k.upper()}": v for k, v in settings.items()},
+                        HPCDISTILL_RUN_DIR=run, HPCDISTILL_RESUME="auto")
+        stopped = _stop_midway(mpirun_cmd(2, HPCDISTILL, "train"), env, run, after_step=60, how=how)
+        assert stopped.returncode == 0, stopped.output[-3000:]
+        assert "checkpoint written at step" in stopped.output and not (run / "summary.json").exists()
+        step, _ = _final_model(run)
+        assert 60 <= step < 200
+        resumed = subprocess.run(mpirun_cmd(2, HPCDISTILL, "train"), env=env, capture_output=True, text=True,
+                                 timeout=300, cwd=ROOT)
+        assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+        assert f"resuming from" in resumed.stdout and f"(step {step})" in resumed.stdout
+        ref_step, ref = _final_model(reference)
+        got_step, got = _final_model(run)
+        assert got_step == ref_step == 200
+        assert ref.keys() == got.keys() and all(np.array_equal(ref[k], got[k]) for k in ref)
+        assert summary(run)["groups"][0]["test_accuracy"] == summary(reference)["groups"][0]["test_accuracy"]
+
+
+def test_corrupt_newest_checkpoint_is_skipped_on_resume(tmp_path, data_dir):
+    run = tmp_path / "run"
+    train(2, run, data_dir=data_dir, steps=60, checkpoint_every=20)
+    ckdir = run / "checkpoints"
+    newest = ckdir / "step-00000060.h5"
+    data = newest.read_bytes()
+    newest.write_bytes(data[: len(data) // 2])  # truncated, as by a crash mid-copy
+    (run / "summary.json").unlink()
+    proc = train(2, run, data_dir=data_dir, steps=60, checkpoint_every=20, resume="auto")
+    assert "step-00000060.h5" in proc.stdout and "truncated" in proc.stdout  # the warning names file and reason
+    assert "resuming from" in proc.stdout and "(step 40)" in proc.stdout
+    assert summary(run)["groups"][0]["steps"] == 60
+    _, meta = read_h5(ckdir / "step-00000060.h5")
+    assert meta["step"] == 60
+
+
+def test_missing_dataset_fails_with_a_clear_message(tmp_path):
+    proc = train(2, tmp_path / "run", check=False, data_dir=tmp_path / "nothing", steps=5)
+    assert proc.returncode != 0
+    assert "hpcdistill data prepare digits" in proc.stderr
