@@ -1,0 +1,119 @@
+"""Codistillation with real `mpirun` runs: groups exchange HDF5 teachers, refuse bad ones, agree more."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+import torch
+
+from conftest import ROOT, metrics, run_mpi, summary, train
+from hpcdistill.checkpoints import CheckpointManager, model_arrays
+from hpcdistill.exchange import Exchange
+from hpcdistill.models import arch_for, build_model
+from hpcdistill.training import evaluate as ev
+
+
+def test_two_groups_codistill_on_four_ranks(tmp_path, data_dir):
+    run = tmp_path / "run"
+    out = tmp_path / "hashes.json"
+    env = {"HPCDISTILL_MODE": "codistill", "HPCDISTILL_GROUPS": "2", "HPCDISTILL_RUN_DIR": str(run),
+           "HPCDISTILL_DATA_DIR": str(data_dir), "HPCDISTILL_STEPS": "300", "HPCDISTILL_EXCHANGE_EVERY": "25",
+           "HPCDISTILL_BURN_IN": "50", "HPCDISTILL_MAX_STALENESS": "60", "HPCDISTILL_LOG_EVERY": "5",
+           "HPCDISTILL_RESUME": "never"}
+    proc = run_mpi(4, [sys.executable, str(ROOT / "tests/mpi/train_and_hash.py"), str(out)], **env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+    # identical weights inside a group, different models across groups
+    hashes = json.loads(out.read_text())
+    by_group = {g: {h for gg, h in hashes.values() if gg == g} for g in (0, 1)}
+    assert len(by_group[0]) == len(by_group[1]) == 1 and by_group[0] != by_group[1]
+
+    s = summary(run)
+    assert s["mode"] == "codistill" and s["num_groups"] == 2
+    assert [g["ranks"] for g in s["groups"]] == [[0, 1], [2, 3]]
+    assert all(g["test_accuracy"] >= 0.93 for g in s["groups"])
+    c = s["codistill"]
+    assert c["exchanges_published"] == 2 * (300 // 25 + 1)  # every 25 steps, plus the final model
+    assert c["teachers_loaded"] >= 4 and c["teachers_rejected"] == 0
+    assert 0 <= c["teacher_staleness"]["max"] <= 60
+
+    for g in (0, 1):  # the distillation term is exactly zero during burn-in and active after it
+        recs = [m for m in metrics(run, f"metrics-g{g}.jsonl") if "distill_loss" in m]
+        assert all(m["distill_loss"] == 0 for m in recs if m["step"] <= 50)
+        late = [m for m in recs if m["step"] > 80]
+        # a peer too far behind (> MAX_STALENESS) is dropped, so not every late step has a teacher
+        assert sum(m["teachers"] for m in late) >= len(late) / 2
+        assert all((m["distill_loss"] > 0) == (m["teachers"] == 1) for m in late)
+        assert len(list((run / "exchange" / f"group-{g}").glob("*.h5"))) <= 3  # garbage-collected
+
+    # churn and ensemble accuracy, recomputed here from the saved final group models
+    probs = []
+    for g in (0, 1):
+        path, arrays, meta = CheckpointManager(run / "checkpoints" / f"group-{g}").latest_valid()
+        assert meta["step"] == 300
+        model = build_model(meta["arch"])
+        model.load_state_dict(model_arrays(arrays))
+        p, labels = ev.predict_probs(model, data_dir / "digits" / "test.h5", batch_size=256, device="cpu")
+        probs.append(p)
+    assert c["churn"] == float((probs[0].argmax(1) != probs[1].argmax(1)).mean())
+    assert c["churn_samples"] == len(labels) == 360
+    assert abs(c["ensemble_test_accuracy"] - ev.ensemble_accuracy(probs, labels)) < 1e-12
+
+
+def _plant_bad_peer_files(exchange_dir: Path, data_dir: Path) -> dict[str, str]:
+    """Write one bad checkpoint of each kind as group 1's newest files; return {file name: expected reason}."""
+    arch = arch_for("mlp", kind="image", input_shape=(1, 8, 8), num_classes=10)
+    ex = Exchange(exchange_dir, group=1, num_groups=2, keep=10)
+    healthy = {"train_loss": 0.5, "initial_loss": 2.3}
+    torch.manual_seed(0)
+    model = build_model(arch)
+    expected = {}
+
+    path = ex.publish(1001, model, arch=arch, health=healthy)
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    expected[path.name] = "truncated"
+
+    path = ex.publish(1002, model, arch=arch, health=healthy)
+    with h5py.File(path, "r") as f:
+        offset = f["model/net.1.weight"].id.get_offset()
+    data = bytearray(path.read_bytes())
+    data[offset + 100] ^= 0xFF
+    path.write_bytes(bytes(data))
+    expected[path.name] = "checksum"
+
+    small = arch_for("mlp-small", kind="image", input_shape=(1, 8, 8), num_classes=10)
+    expected[ex.publish(1003, build_model(small), arch=small, health=healthy).name] = "architecture"
+
+    broken = build_model(arch)
+    with torch.no_grad():
+        next(broken.parameters())[0, 0] = float("nan")
+    expected[ex.publish(1004, broken, arch=arch, health=healthy).name] = "non-finite"
+
+    expected[ex.publish(1005, model, arch=arch, health={"train_loss": 80.0, "initial_loss": 2.3}).name] = "diverged"
+
+    path = ex.directory / "group-1" / "step-00001006.h5"
+    path.write_bytes(os.urandom(4096))
+    expected[path.name] = "not an HDF5 file"
+    return expected
+
+
+def test_bad_peer_checkpoints_are_refused_and_training_goes_on(tmp_path, data_dir):
+    """Group 1 is slowed down and group 0 looks for teachers at step 1 (burn-in), so it first finds
+    only the planted bad files; group 1 replaces them with real checkpoints later."""
+    run = tmp_path / "run"
+    expected = _plant_bad_peer_files(run / "exchange", data_dir)
+    proc = train(2, run, mode="codistill", groups=2, data_dir=data_dir, steps=150, exchange_every=10, burn_in=1,
+                 straggler_rank=1, straggler_delay=20, timeout=400)
+    refused = [line for line in proc.stdout.splitlines() if "refused teacher" in line]
+    for name, reason in expected.items():
+        assert any(name in line and reason in line for line in refused), (name, reason, refused)
+    assert all("[g0 r0/1 w0] WARNING" in line for line in refused)  # the leader of the reading group says it
+    s = summary(run)
+    assert s["codistill"]["teachers_rejected"] == len(expected)
+    assert s["codistill"]["teachers_loaded"] >= 1  # group 1's real checkpoints were used once published
+    assert all(g["steps"] == 150 for g in s["groups"])
