@@ -1,0 +1,53 @@
+"""Distillation with real `mpirun` runs: a codistilled ensemble into a smaller student."""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import summary, train
+
+
+@pytest.fixture(scope="module")
+def teacher_run(tmp_path_factory, data_dir):
+    """A finished 2-group codistillation run (one rank per group) whose group models are the teachers."""
+    run = tmp_path_factory.mktemp("teacher") / "codistill"
+    train(2, run, mode="codistill", groups=2, data_dir=data_dir, steps=300)
+    return run
+
+
+def test_distilled_student_beats_student_alone(tmp_path, data_dir, teacher_run):
+    common = dict(data_dir=data_dir, model="mlp-small", steps=150, seed=3)
+    train(2, tmp_path / "alone", **common)
+    train(2, tmp_path / "distilled", mode="distill", teachers=teacher_run, temperature=4, distill_weight=0.7, **common)
+    alone, distilled = summary(tmp_path / "alone"), summary(tmp_path / "distilled")
+    a, d = alone["groups"][0], distilled["groups"][0]
+    assert d["test_accuracy"] > a["test_accuracy"] and d["test_loss"] < a["test_loss"], (a, d)
+
+    info = distilled["distill"]
+    assert [p.rsplit("/", 3)[-3:] for p in info["teachers"]] == [
+        ["checkpoints", "group-0", "step-00000300.h5"], ["checkpoints", "group-1", "step-00000300.h5"]]
+    members = [g["test_accuracy"] for g in summary(teacher_run)["groups"]]
+    assert info["teacher_member_test_accuracy"] == members  # the same files, evaluated again
+    assert abs(info["teacher_test_accuracy"] - summary(teacher_run)["codistill"]["ensemble_test_accuracy"]) < 1e-12
+    assert info["student_parameters"] * 10 < info["teacher_parameters"]
+    assert (info["temperature"], info["alpha"], info["loss"]) == (4.0, 0.7, "soft")
+
+
+def test_logit_matching_and_omitted_classes(tmp_path, data_dir, teacher_run):
+    train(2, tmp_path / "logits", mode="distill", teachers=teacher_run, data_dir=data_dir, model="mlp-small",
+          steps=100, lr=0.01, distill_loss="logits", distill_weight=1, omit_classes="3")
+    s = summary(tmp_path / "logits")
+    assert s["distill"]["loss"] == "logits" and s["distill"]["omitted_classes"] == [3]
+    assert s["groups"][0]["test_accuracy"] > 0.5  # learned from soft targets alone, without any "3"
+
+
+def test_a_teacher_that_does_not_verify_is_refused_before_training(tmp_path, data_dir, teacher_run):
+    bad = tmp_path / "bad.h5"
+    good = sorted((teacher_run / "checkpoints" / "group-0").glob("*.h5"))[-1]
+    bad.write_bytes(good.read_bytes()[:1000])
+    proc = train(2, tmp_path / "run", check=False, mode="distill", teachers=f"{good},{bad}", data_dir=data_dir,
+                 steps=10)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "HPCDISTILL_TEACHERS: teacher refused" in proc.stderr and "bad.h5" in proc.stderr
+    assert "truncated" in proc.stderr
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()  # refused before the first step
