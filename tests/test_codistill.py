@@ -117,3 +117,14 @@ def test_bad_peer_checkpoints_are_refused_and_training_goes_on(tmp_path, data_di
     assert s["codistill"]["teachers_rejected"] == len(expected)
     assert s["codistill"]["teachers_loaded"] >= 1  # group 1's real checkpoints were used once published
     assert all(g["steps"] == 150 for g in s["groups"])
+
+
+def test_label_smoothing_control_uses_no_peers(tmp_path, data_dir):
+    run = tmp_path / "control"
+    train(2, run, mode="codistill", groups=2, codistill_target="label-smoothing", label_smoothing=0.2, burn_in=20,
+          data_dir=data_dir, steps=60, log_every=5)
+    s = summary(run)
+    assert s["codistill"]["target"] == "label-smoothing" and s["codistill"]["teachers_loaded"] == 0
+    assert not (run / "exchange").exists()
+    recs = [m for m in metrics(run, "metrics-g0.jsonl") if "distill_loss" in m]
+    assert all((m["distill_loss"] > 0) == (m["step"] > 20) for m in recs)

@@ -171,7 +171,6 @@ class Trainer:
                 log.info("resuming from %s (step %d)", path, meta["step"])
             else:
                 arrays, meta = capture(self.model, self.optimizer, step=0, arch=self.arch, rng=False)
-        self.ckpts and self.ckpts.directory.mkdir(parents=True, exist_ok=True)
         arrays, meta = bcast_tree(self.comm, arrays, meta)
         restore(arrays, meta, self.model, self.optimizer, rng=False)
         rngs = arrays.get("extra/rng")
