@@ -247,13 +247,15 @@ class Trainer:
                 log.info("step %d validation loss %.4f accuracy %.4f", step, val["loss"], val["accuracy"])
             stopped = self.updater.agree(self.stop.requested)
             if stopped or step % s.checkpoint_every == 0 or step == s.steps:
-                if self.updater.synchronous or self.speaker:
+                if self.updater.synchronous or (self.speaker and step < s.steps):
                     self._save(step)
             if stopped:
                 log.warning("%s received: checkpoint written at step %d; exiting (HPCDISTILL_RESUME=auto "
                             "resumes from it)", self.stop.name or "stop signal", step)
                 break
         self.updater.finish()
+        if not self.updater.synchronous and self.speaker and step == s.steps:
+            self._save(step)  # async: after every worker is done, so the last checkpoint is the final model
         self.samples = samples * self.comm.Get_size()
         self.steps_done = step - start
         if isinstance(self.teachers, PeerTeachers) and not stopped:

@@ -1,0 +1,223 @@
+"""The shared runner: launch `hpcdistill train` under mpirun, read back what a run wrote, statistics.
+
+Every run is a real batch job: `mpirun -np N .venv/bin/hpcdistill train` with HPCDISTILL_* variables,
+OMP_NUM_THREADS=1 and HPCDISTILL_RESUME=never, in its own directory under reproduction/runs/. A run
+whose directory already holds a summary.json written with the same settings is not run again (so an
+interrupted suite picks up where it stopped); --fresh forces every run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+RUNS = REPO / "reproduction" / "runs"
+DATA_DIR = REPO / "datasets"
+HPCDISTILL = REPO / ".venv" / "bin" / "hpcdistill"
+RUN_TIMEOUT = 1200  # seconds; a run that takes longer is killed and reported as failed
+
+
+def log(msg: str) -> None:
+    print(f"{time.strftime('%H:%M:%S')} {msg}", flush=True)
+
+
+@dataclass
+class Run:
+    """One finished (or failed) job: where it ran, how, and what it wrote."""
+
+    name: str
+    path: Path
+    np: int
+    env: dict
+    ok: bool = False
+    seconds: float = 0.0  # wall time of the whole mpirun (start-up and teardown included)
+    summary: dict = field(default_factory=dict)
+    error: str = ""
+    reused: bool = False  # finished earlier with the same settings; not run again
+
+    @property
+    def command(self) -> str:
+        return command_line(self.np, self.env)
+
+    # --- what the run wrote -------------------------------------------------------------------
+    def metrics(self, group: int = 0) -> list[dict]:
+        name = "metrics.jsonl" if self.summary.get("num_groups", 1) == 1 else f"metrics-g{group}.jsonl"
+        path = self.path / name
+        if not path.exists():
+            return []
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+    def groups(self) -> list[dict]:
+        return self.summary.get("groups", [])
+
+    def val_curve(self, group: int = 0) -> list[tuple[int, float]]:
+        """(step, validation loss) pairs, the final evaluation from summary.json included."""
+        curve = [(r["step"], r["val_loss"]) for r in self.metrics(group) if "val_loss" in r]
+        final = next((g for g in self.groups() if g["group"] == group), None)
+        if final is not None:
+            curve.append((final["steps"], final["val_loss"]))
+        return sorted(dict(curve).items())
+
+    def checkpoint(self, group: int = 0) -> Path:
+        """The newest valid checkpoint of a group (raises if there is none)."""
+        from hpcdistill.checkpoints import CheckpointManager
+
+        ckdir = self.path / "checkpoints"
+        if self.summary.get("num_groups", 1) > 1:
+            ckdir = ckdir / f"group-{group}"
+        found = CheckpointManager(ckdir).latest_valid()
+        if found is None:
+            raise FileNotFoundError(f"no valid checkpoint in {ckdir}")
+        return found[0]
+
+
+def command_line(np_: int, env: dict) -> str:
+    settings = " ".join(f"{k}={v}" for k, v in sorted(env.items()) if k != "HPCDISTILL_RUN_DIR")
+    return f"{settings} mpirun -np {np_} hpcdistill train".replace(f"{REPO}/", "")
+
+
+def mpirun_args(np_: int) -> list[str]:
+    args = ["mpirun", "--oversubscribe", "--bind-to", "none", "-np", str(np_)]
+    if os.geteuid() == 0:
+        args.insert(1, "--allow-run-as-root")
+    return args + [str(HPCDISTILL), "train"]
+
+
+def clean_env(settings: dict) -> dict:
+    """The parent environment without any HPCDISTILL_* leftovers, plus this run's settings."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HPCDISTILL_")}
+    env.update({"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HPCDISTILL_RESUME": "never",
+                "HPCDISTILL_DATA_DIR": str(DATA_DIR)})
+    env.update({k: str(v) for k, v in settings.items()})
+    return env
+
+
+class Runner:
+    """Runs jobs one after another (the machine has 2 cores) and remembers them."""
+
+    def __init__(self, fresh: bool = False, dry: bool = False):
+        self.fresh, self.dry = fresh, dry
+        self.runs: list[Run] = []
+        self.started = time.time()
+
+    def run(self, name: str, np_: int, settings: dict) -> Run:
+        """Run (or reuse) the job `name` (a path under reproduction/runs/) with `settings`."""
+        path = RUNS / name
+        settings = {k: str(v) for k, v in settings.items()}
+        settings["HPCDISTILL_RUN_DIR"] = str(path)
+        run = Run(name, path, np_, settings)
+        record = path / "reproduction-run.json"
+        if not self.fresh and record.exists() and (path / "summary.json").exists():
+            old = json.loads(record.read_text())
+            if old.get("np") == np_ and old.get("settings") == settings:
+                run.ok, run.seconds, run.reused = True, old["seconds"], True
+                run.summary = json.loads((path / "summary.json").read_text())
+                self.runs.append(run)
+                return run
+        if self.dry:
+            log(f"would run {name}: {run.command}")
+            self.runs.append(run)
+            return run
+        if path.exists():
+            shutil.rmtree(path)
+        path.mkdir(parents=True)
+        log(f"run {name}: -np {np_} " + " ".join(f"{k.removeprefix('HPCDISTILL_')}={v}" for k, v in
+                                                 sorted(settings.items()) if k != "HPCDISTILL_RUN_DIR"))
+        t = time.time()
+        with open(path / "train.log", "w") as out:
+            try:
+                proc = subprocess.run(mpirun_args(np_), env=clean_env(settings), cwd=REPO, stdout=out,
+                                      stderr=subprocess.STDOUT, timeout=RUN_TIMEOUT)
+                rc = proc.returncode
+            except subprocess.TimeoutExpired:
+                rc = "timeout"
+        run.seconds = time.time() - t
+        if rc == 0 and (path / "summary.json").exists():
+            run.ok = True
+            run.summary = json.loads((path / "summary.json").read_text())
+            record.write_text(json.dumps({"np": np_, "settings": settings, "seconds": run.seconds}, indent=1))
+            log(f"  done in {run.seconds:.0f} s (suite so far {(time.time() - self.started) / 60:.1f} min)")
+        else:
+            tail = (path / "train.log").read_text(errors="replace").splitlines()[-5:]
+            run.error = f"exit {rc}: " + " | ".join(tail)
+            log(f"  FAILED after {run.seconds:.0f} s ({run.error[:300]})")
+        self.runs.append(run)
+        return run
+
+
+# --- models from checkpoints (never torch.load) ----------------------------------------------------
+
+def load_model(checkpoint: Path):
+    """Rebuild a model from a checkpoint file alone: its arch record and its model arrays."""
+    from hpcdistill.checkpoints import model_arrays, read_h5
+    from hpcdistill.models import build_model
+
+    arrays, meta = read_h5(checkpoint)
+    model = build_model(meta["arch"])
+    model.load_state_dict(model_arrays(arrays))
+    return model.eval()
+
+
+def predict(model, split_h5: Path, limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(logits, labels) over the first `limit` samples of a split, flattened per token for sequences."""
+    import torch
+
+    from hpcdistill.data import eval_batches
+
+    logits, labels, seen = [], [], 0
+    with torch.no_grad():
+        for x, y in eval_batches(split_h5, batch_size=256):
+            z = model(x)
+            logits.append(z.reshape(-1, z.shape[-1]).numpy())
+            labels.append(y.reshape(-1).numpy())
+            seen += len(x)
+            if limit is not None and seen >= limit:
+                break
+    return np.concatenate(logits), np.concatenate(labels)
+
+
+# --- statistics ---------------------------------------------------------------------------------
+
+def mean_std(values) -> tuple[float, float, int]:
+    vals = [float(v) for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    if not vals:
+        return math.nan, math.nan, 0
+    return float(np.mean(vals)), float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0, len(vals)
+
+
+def fmt(values, digits: int = 3, scale: float = 1.0, total: int | None = None) -> str:
+    """'mean ± std' of the values that exist; '(k/n)' when only k of n runs produced one."""
+    values = list(values)
+    m, s, n = mean_std(values)
+    if n == 0:
+        return "—"
+    text = f"{m * scale:.{digits}f} ± {s * scale:.{digits}f}" if n > 1 else f"{m * scale:.{digits}f}"
+    total = len(values) if total is None else total
+    return text + (f" ({n}/{total})" if n < total else "")
+
+
+def crossing_step(curve: list[tuple[int, float]], target: float) -> float | None:
+    """First step at which a decreasing curve reaches `target` (linear interpolation between points)."""
+    prev = None
+    for step, value in curve:
+        if value <= target:
+            if prev is None or prev[1] == value:
+                return float(step)
+            s0, v0 = prev
+            return s0 + (step - s0) * (v0 - target) / (v0 - value)
+        prev = (step, value)
+    return None
+
+
+def python() -> str:
+    return sys.executable

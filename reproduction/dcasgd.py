@@ -1,0 +1,112 @@
+"""Experiment 2 — DC-ASGD (Zheng et al. 2017): the paper's Table 1 layout at M = 4 and 8 workers.
+
+`digits`, the default mlp, plain SGD (no momentum: the async updater applies none, so neither does
+any baseline), the same number of training samples for every method:
+
+  sequential    1 async worker + 1 parameter host (-np 2): plain SGD, N steps, no staleness
+  sync-M        Horovod allreduce over M ranks, N / M steps of M x B samples
+  asgd-M        M async workers + 1 parameter host (-np M+1), N / M steps each, stale gradients as they are
+  dcasgd-c-M    the same with the constant delay compensation (lambda0 = 0.04)
+  dcasgd-a-M    the same with the adaptive one (lambda0 = 2, m = 0.95)
+  straggler     sync-4 and dcasgd-a-4 with one rank sleeping as long as its step takes (2x slower)
+
+Test error is on the 360 digits test images; staleness is what summary.json's async section
+reports (updates applied by others between a worker's pull and its push).
+"""
+
+from __future__ import annotations
+
+from common import fmt, mean_std
+
+RULES = ["asgd", "dcasgd-c", "dcasgd-a"]
+
+
+def sizes(quick: bool) -> dict:
+    return {"total_steps": 800, "batch": 32, "lr": 0.1, "workers": [4, 8], "straggler_delay": 1.0}
+
+
+def run(runner, seeds: list[int], quick: bool) -> dict:
+    z = sizes(quick)
+    base = {"HPCDISTILL_DATASET": "digits", "HPCDISTILL_MODEL": "mlp", "HPCDISTILL_OPTIMIZER": "sgd",
+            "HPCDISTILL_MOMENTUM": 0, "HPCDISTILL_LR": z["lr"], "HPCDISTILL_BATCH_SIZE": z["batch"],
+            "HPCDISTILL_EVAL_EVERY": 100000, "HPCDISTILL_CHECKPOINT_EVERY": 100000, "HPCDISTILL_KEEP_CHECKPOINTS": 1}
+    runs = {}
+    for seed in seeds:
+        b = {**base, "HPCDISTILL_SEED": seed}
+        N = z["total_steps"]
+        runs[("sequential", 1, seed)] = runner.run(
+            f"dcasgd/sequential-s{seed}", 2, {**b, "HPCDISTILL_MODE": "async", "HPCDISTILL_ASYNC_RULE": "asgd",
+                                               "HPCDISTILL_STEPS": N})
+        for M in z["workers"]:
+            runs[("sync", M, seed)] = runner.run(f"dcasgd/sync-{M}-s{seed}", M,
+                                                 {**b, "HPCDISTILL_MODE": "sync", "HPCDISTILL_STEPS": N // M})
+            for rule in RULES:
+                runs[(rule, M, seed)] = runner.run(
+                    f"dcasgd/{rule}-{M}-s{seed}", M + 1,
+                    {**b, "HPCDISTILL_MODE": "async", "HPCDISTILL_ASYNC_RULE": rule, "HPCDISTILL_STEPS": N // M})
+        if seed == seeds[0] or not quick:  # throughput does not need many seeds
+            slow = {"HPCDISTILL_STRAGGLER_DELAY": z["straggler_delay"]}
+            runs[("sync-straggler", 4, seed)] = runner.run(
+                f"dcasgd/sync-4-straggler-s{seed}", 4,
+                {**b, **slow, "HPCDISTILL_MODE": "sync", "HPCDISTILL_STEPS": N // 4, "HPCDISTILL_STRAGGLER_RANK": 3})
+            runs[("dcasgd-a-straggler", 4, seed)] = runner.run(
+                f"dcasgd/dcasgd-a-4-straggler-s{seed}", 5,
+                {**b, **slow, "HPCDISTILL_MODE": "async", "HPCDISTILL_ASYNC_RULE": "dcasgd-a",
+                 "HPCDISTILL_STEPS": N // 4, "HPCDISTILL_STRAGGLER_RANK": 4})
+    return analyse(runs, seeds, quick)
+
+
+def throughput(run) -> float | None:
+    """Training samples per second over the lead worker's logged span (start-up and teardown excluded).
+
+    sync: steps x world size x batch; async: the global update counter ("version") x batch, which
+    counts every worker's updates, the straggler's included."""
+    recs = [r for r in run.metrics() if "loss" in r]
+    if len(recs) < 2 or recs[-1]["time"] <= recs[0]["time"]:
+        return None
+    batch = int(run.env["HPCDISTILL_BATCH_SIZE"])
+    dt = recs[-1]["time"] - recs[0]["time"]
+    if "version" in recs[0]:
+        return (recs[-1]["version"] - recs[0]["version"]) * batch / dt
+    return (recs[-1]["step"] - recs[0]["step"]) * run.np * batch / dt
+
+
+def analyse(runs: dict, seeds: list[int], quick: bool) -> dict:
+    z = sizes(quick)
+    ok = {k: r for k, r in runs.items() if r.ok}
+    res = {"sizes": z, "seeds": seeds, "commands": {}, "failed": [], "table": {}, "staleness": {}, "throughput": {}}
+    for (name, M, seed), r in runs.items():
+        if seed == seeds[0]:
+            res["commands"][f"{name}-{M}"] = r.command
+        if not r.ok:
+            res["failed"].append(f"{r.name}: {r.error}")
+
+    def err(name, M):
+        return [1 - ok[(name, M, s)].groups()[0]["test_accuracy"] if (name, M, s) in ok else None for s in seeds]
+
+    seq = err("sequential", 1)
+    for M in z["workers"]:
+        row = {"sequential": fmt(seq, 2, 100)}
+        for name in ["asgd", "sync"] + RULES[1:]:
+            row[name] = fmt(err(name, M), 2, 100)
+            row[name + "_mean"] = mean_std(err(name, M))[0]
+        row["sequential_mean"] = mean_std(seq)[0]
+        res["table"][M] = row
+        for rule in RULES:
+            st = [ok[(rule, M, s)].summary.get("async", {}).get("staleness") for s in seeds if (rule, M, s) in ok]
+            st = [x for x in st if x]
+            if st:
+                res["staleness"][f"{rule}-{M}"] = {k: fmt([x[k] for x in st], 1) for k in ("mean", "p50", "p99", "max")}
+    st = [ok[("sequential", 1, s)].summary.get("async", {}).get("staleness") for s in seeds if ("sequential", 1, s) in ok]
+    if any(st):
+        res["staleness"]["sequential"] = {k: fmt([x[k] for x in st if x], 1) for k in ("mean", "p50", "p99", "max")}
+    for label, name in (("sync-4", "sync"), ("dcasgd-a-4", "dcasgd-a")):
+        normal = [throughput(ok[(name, 4, s)]) for s in seeds if (name, 4, s) in ok]
+        slow = [throughput(ok[(name + "-straggler", 4, s)]) for s in seeds if (name + "-straggler", 4, s) in ok]
+        walls = [ok[(name + "-straggler", 4, s)].summary["wall_seconds"] for s in seeds if (name + "-straggler", 4, s) in ok]
+        if normal or slow:
+            ratio = [b / a for a, b in zip(normal, slow) if a and b]
+            res["throughput"][label] = {"normal": fmt(normal, 0), "straggler": fmt(slow, 0),
+                                        "ratio": fmt(ratio, 2), "ratio_mean": mean_std(ratio)[0],
+                                        "straggler_wall": fmt(walls, 1)}
+    return res
