@@ -145,6 +145,10 @@ def main() -> int:
             print(f"  {mb:g} MB done at {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
     finally:
         shutil.rmtree(root, ignore_errors=True)
+        try:
+            root.parent.rmdir()  # only if no other run is using it
+        except OSError:
+            pass
     print("# checkpoint I/O: hpcdistill write_h5/read_h5 (HDF5, sha256, fsync, rename) vs raw bytes (fsync, rename)")
     print(f"# {machine()}")
     print(f"# directory {Path(args.dir).resolve()} ({fs_type(Path(args.dir).resolve())}); median of {args.reps} "

@@ -53,7 +53,7 @@ class Settings(BaseSettings):
     steps: int = Field(300, gt=0, description="optimizer steps per group (per worker in async)")
     batch_size: int = Field(32, gt=0, description="per-rank batch size")
     lr: Optional[float] = Field(
-        None, gt=0, description="peak learning rate (default 0.05 for sgd, 0.003 for adamw)")
+        None, gt=0, description="peak learning rate (default 0.05 for sgd, 0.2 for async sgd without momentum, 0.003 for adamw)")
     optimizer: Literal["auto", "sgd", "adamw"] = Field(
         "auto", description="auto = sgd with momentum for images, adamw for text")
     momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum")

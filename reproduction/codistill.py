@@ -77,30 +77,31 @@ def analyse(runs: dict, seeds: list[int], quick: bool) -> dict:
             res["commands"][name] = r.command
         if not r.ok:
             res["failed"].append(f"{r.name}: {r.error}")
-    # target: the validation loss that every sync-4 retrain reached by its last step
-    finals = [g["val_loss"] for s in seeds if ("sync-4", s) in ok for g in ok[("sync-4", s)].groups()]
-    target = max(finals) if finals else None
-    res["target_val_loss"] = target
-    steps = res["sizes"]["steps"]
+    # targets, per seed (same initialisation): the final validation loss of sync-4 and of sync-2
+    targets = {ref: {s: ok[(ref, s)].groups()[0]["val_loss"] for s in seeds if (ref, s) in ok}
+               for ref in ("sync-4", "sync-2")}
+    res["targets"] = {ref: {str(s): v for s, v in t.items()} for ref, t in targets.items()}
+    res["final"] = {}  # name -> {"seed/group": final val loss}, for paired comparisons
     for name in names:
-        per_seed = [ok[(name, s)] for s in seeds if (name, s) in ok]
-        models = [(r, g) for r in per_seed for g in r.groups()]  # every trained model counts once
-        crossings = [crossing_step(r.val_curve(g["group"]), target) if target else None for r, g in models]
-        reached = [c for c in crossings if c is not None]
+        per_seed = [(s, ok[(name, s)]) for s in seeds if (name, s) in ok]
+        models = [(s, r, g) for s, r in per_seed for g in r.groups()]  # every trained model counts once
         row = {
-            "name": name, "ranks": per_seed[0].np if per_seed else None, "runs": len(per_seed),
+            "name": name, "ranks": per_seed[0][1].np if per_seed else None, "runs": len(per_seed),
             "models": len(models),
-            "val_loss": fmt([g["val_loss"] for _, g in models], 4),
-            "test_loss": fmt([g["test_loss"] for _, g in models], 4),
-            "test_accuracy": fmt([g["test_accuracy"] for _, g in models], 2, 100),
-            "steps_to_target": fmt(crossings, 0, total=len(models)),
-            "speedup": fmt([steps / c for c in reached], 2) if reached else "—",
-            "steps_to_target_mean": mean_std(crossings)[0],
-            "val_loss_mean": mean_std([g["val_loss"] for _, g in models])[0],
-            "wall_seconds": fmt([r.summary["wall_seconds"] for r in per_seed], 0),
-            "samples_per_second": fmt([r.summary["samples_per_second"] for r in per_seed], 0),
+            "val_loss": fmt([g["val_loss"] for _, _, g in models], 4),
+            "test_loss": fmt([g["test_loss"] for _, _, g in models], 4),
+            "test_accuracy": fmt([g["test_accuracy"] for _, _, g in models], 2, 100),
+            "val_loss_mean": mean_std([g["val_loss"] for _, _, g in models])[0],
+            "wall_seconds": fmt([r.summary["wall_seconds"] for _, r in per_seed], 0),
+            "samples_per_second": fmt([r.summary["samples_per_second"] for _, r in per_seed], 0),
         }
-        cd = [r.summary.get("codistill") for r in per_seed if r.summary.get("codistill")]
+        for ref, t in targets.items():
+            cross = [crossing_step(r.val_curve(g["group"]), t[s]) if s in t else None for s, r, g in models]
+            row[f"steps_to_{ref}"] = fmt(cross, 0, total=len(models))
+            row[f"steps_to_{ref}_mean"] = mean_std(cross)[0]
+            row[f"reached_{ref}"] = sum(c is not None for c in cross)
+        res["final"][name] = {f"{s}/{g['group']}": g["val_loss"] for s, _, g in models}
+        cd = [r.summary.get("codistill") for _, r in per_seed if r.summary.get("codistill")]
         if cd:
             row["ensemble_accuracy"] = fmt([c["ensemble_test_accuracy"] for c in cd], 2, 100)
             row["within_run_churn"] = fmt([c["churn"] for c in cd], 2, 100)
@@ -109,7 +110,7 @@ def analyse(runs: dict, seeds: list[int], quick: bool) -> dict:
             row["teachers_loaded"] = fmt([c["teachers_loaded"] for c in cd], 0)
             row["exchange_seconds"] = fmt([c["exchange_seconds"] for c in cd], 1)
         res["rows"].append(row)
-        res["curves"][name] = _mean_curve([r.val_curve(g["group"]) for r, g in models])
+        res["curves"][name] = _mean_curve([r.val_curve(g["group"]) for _, r, g in models])
     res["churn"] = _churn(ok, seeds)
     return res
 
@@ -173,8 +174,6 @@ def plots(res: dict, img_dir, rel: str) -> list[tuple[str, str]]:
             s, m, sd = (np.array(v) for v in zip(*curve))
             ax.plot(s, m, label=label)
             ax.fill_between(s, m - sd, m + sd, alpha=0.2)
-        if res.get("target_val_loss"):
-            ax.axhline(res["target_val_loss"], color="grey", ls=":", lw=1, label="target (sync-4 final)")
         ax.set(xlabel="step (per group)", ylabel="validation loss (nats/char)", title=title)
         finals = [c[-1][1] for c in res["curves"].values() if c]
         if finals:

@@ -22,7 +22,8 @@ RULES = ["asgd", "dcasgd-c", "dcasgd-a"]
 
 
 def sizes(quick: bool) -> dict:
-    return {"total_steps": 800, "batch": 32, "lr": 0.1, "workers": [4, 8], "straggler_delay": 1.0}
+    return {"total_steps": 800, "batch": 32, "lr": 0.25, "workers": [4, 8], "straggler_delay": 1.0,
+            "high_lr": 0.5}
 
 
 def run(runner, seeds: list[int], quick: bool) -> dict:
@@ -44,6 +45,14 @@ def run(runner, seeds: list[int], quick: bool) -> dict:
                 runs[(rule, M, seed)] = runner.run(
                     f"dcasgd/{rule}-{M}-s{seed}", M + 1,
                     {**b, "HPCDISTILL_MODE": "async", "HPCDISTILL_ASYNC_RULE": rule, "HPCDISTILL_STEPS": N // M})
+        if seed == seeds[0] or not quick:  # learning-rate sensitivity: the same at twice the lr, M = 8
+            hb = {**b, "HPCDISTILL_LR": z["high_lr"], "HPCDISTILL_MODE": "async"}
+            runs[("sequential-highlr", 1, seed)] = runner.run(
+                f"dcasgd/lr{z['high_lr']}-sequential-s{seed}", 2, {**hb, "HPCDISTILL_ASYNC_RULE": "asgd", "HPCDISTILL_STEPS": N})
+            for rule in ("asgd", "dcasgd-a"):
+                runs[(f"{rule}-highlr", 8, seed)] = runner.run(
+                    f"dcasgd/lr{z['high_lr']}-{rule}-8-s{seed}", 9,
+                    {**hb, "HPCDISTILL_ASYNC_RULE": rule, "HPCDISTILL_STEPS": N // 8})
         if seed == seeds[0] or not quick:  # throughput does not need many seeds
             slow = {"HPCDISTILL_STRAGGLER_DELAY": z["straggler_delay"]}
             runs[("sync-straggler", 4, seed)] = runner.run(
@@ -100,6 +109,15 @@ def analyse(runs: dict, seeds: list[int], quick: bool) -> dict:
     st = [ok[("sequential", 1, s)].summary.get("async", {}).get("staleness") for s in seeds if ("sequential", 1, s) in ok]
     if any(st):
         res["staleness"]["sequential"] = {k: fmt([x[k] for x in st if x], 1) for k in ("mean", "p50", "p99", "max")}
+    res["high_lr"] = {}
+    res["high_lr_seeds"] = [s for s in seeds if ("asgd-highlr", 8, s) in ok]
+    for name, M in (("sequential-highlr", 1), ("asgd-highlr", 8), ("dcasgd-a-highlr", 8)):
+        rs = [ok[(name, M, s)] for s in seeds if (name, M, s) in ok]
+        if rs:
+            res["high_lr"][f"{name.removesuffix('-highlr')}" + (f"-{M}" if M > 1 else "")] = {
+                "error": fmt([1 - r.groups()[0]["test_accuracy"] for r in rs], 2, 100),
+                "diverged": sum(any(x.get("loss") != x.get("loss") for x in r.metrics()) for r in rs),
+                "runs": len(rs)}
     for label, name in (("sync-4", "sync"), ("dcasgd-a-4", "dcasgd-a")):
         normal = [throughput(ok[(name, 4, s)]) for s in seeds if (name, 4, s) in ok]
         slow = [throughput(ok[(name + "-straggler", 4, s)]) for s in seeds if (name + "-straggler", 4, s) in ok]

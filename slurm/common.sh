@@ -22,8 +22,9 @@
 # Time limits: the templates ask for `--signal=B:USR2@<secs>`, i.e. USR2 to this batch shell only.
 # The shell forwards it to srun, which passes it to every task; the tasks checkpoint at the next step
 # boundary and exit 0 without summary.json. Then: summary.json written -> done; no summary.json and
-# USR2 received -> `scontrol requeue $SLURM_JOB_ID` (up to HPCD_MAX_RESTARTS times, counted by
-# SLURM_RESTART_COUNT); SIGTERM (scancel, preemption) -> stop without requeueing.
+# USR2 received (or srun exited 0 without summary.json: the tasks were signalled directly, e.g.
+# --signal without B:) -> `scontrol requeue $SLURM_JOB_ID` (up to HPCD_MAX_RESTARTS times, counted
+# by SLURM_RESTART_COUNT); SIGTERM (scancel, preemption) -> stop without requeueing.
 
 hpcd_log() { echo "hpcd: $(date '+%F %T') $*"; }
 hpcd_die() {  # message [exit code]

@@ -338,9 +338,11 @@ def test_codistill_workers_stop_together_at_an_exchange_step(tmp_path):
 
 @pytest.fixture(scope="module")
 def digits(tmp_path_factory):
+    """`hpcdistill data prepare digits --data-dir D`, in process (a CLI start-up costs a torch import)."""
+    from hpcdistill.data import prepare
+
     root = tmp_path_factory.mktemp("data")
-    subprocess.run([str(VENV_BIN / "hpcdistill"), "data", "prepare", "digits", "--data-dir", str(root)],
-                   check=True, timeout=120, env=mpi_env(), capture_output=True)
+    prepare("digits", root)
     return root
 
 

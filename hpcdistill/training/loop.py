@@ -64,7 +64,8 @@ def make_optimizer(settings, model, kind: str):
     if name == "adamw":
         lr = settings.lr or 3e-3
         return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=settings.weight_decay), lr
-    lr = settings.lr or 0.05
+    # DC-ASGD applies plain SGD steps (no momentum), which want a ~4x larger rate than momentum SGD.
+    lr = settings.lr or (0.2 if settings.uses_async else 0.05)
     return torch.optim.SGD(model.parameters(), lr=lr, momentum=settings.momentum,
                            weight_decay=settings.weight_decay), lr
 
