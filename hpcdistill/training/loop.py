@@ -251,8 +251,9 @@ class Trainer:
                 if self.updater.synchronous or (self.speaker and step < s.steps):
                     self._save(step)
             if stopped:
-                log.warning("%s received: checkpoint written at step %d; exiting (HPCDISTILL_RESUME=auto "
-                            "resumes from it)", self.stop.name or "stop signal", step)
+                what = "checkpoint written" if self.updater.synchronous or self.speaker else "stopping (the lead worker checkpoints)"
+                log.warning("%s received: %s at step %d; exiting (HPCDISTILL_RESUME=auto resumes from it)",
+                            self.stop.name or "stop signal", what, step)
                 break
         self.updater.finish()
         if not self.updater.synchronous and self.speaker and step == s.steps:
