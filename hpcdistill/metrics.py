@@ -7,9 +7,10 @@ on a parallel filesystem may interleave), and summary.json is written once, atom
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
+
+from hpcdistill.atomic import atomic_path
 
 
 def metrics_path(run_dir: Path, group: int, num_groups: int) -> Path:
@@ -35,11 +36,6 @@ class MetricsWriter:
 
 
 def write_json_atomic(path: Path, data: dict) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
         json.dump(data, f, indent=2, default=str)
         f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)

@@ -20,12 +20,13 @@ import hashlib
 import json
 import os
 import stat
-import uuid
 from pathlib import Path
 
 import h5py
 import numpy as np
 import torch
+
+from hpcdistill.atomic import atomic_path
 
 FORMAT = "hpcdistill-checkpoint"
 FORMAT_VERSION = 1
@@ -88,16 +89,6 @@ def _digest(items: list[tuple[str, np.ndarray, str | None]], meta_json: str) -> 
     return h.hexdigest()
 
 
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    except OSError:  # some filesystems refuse fsync on a directory; the rename is still atomic
-        pass
-    finally:
-        os.close(fd)
-
-
 def write_h5(path, arrays: dict, meta: dict) -> Path:
     """Write `arrays` (numpy or torch, any shape incl. 0-d) and JSON-able `meta` to `path` atomically.
 
@@ -112,8 +103,7 @@ def write_h5(path, arrays: dict, meta: dict) -> Path:
         _check_key(key)
         items.append((key, *_to_storable(key, value)))
     meta_json = _meta_json(meta)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
+    with atomic_path(path) as tmp:
         # libver v108: superblock and object headers carry their own checksums (HDF5 >= 1.8 reads it),
         # and attributes larger than 64 KiB (big meta) are allowed.
         with h5py.File(tmp, "w", libver="v108") as f:
@@ -126,16 +116,6 @@ def write_h5(path, arrays: dict, meta: dict) -> Path:
             f.attrs["meta"] = np.bytes_(meta_json.encode())
             f.attrs["sha256"] = np.bytes_(_digest(items, meta_json).encode())
             f.flush()
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
     return path
 
 

@@ -9,13 +9,13 @@ Files are written under a temporary name and renamed, so readers never see a par
 from __future__ import annotations
 
 import hashlib
-import os
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 import h5py
 import numpy as np
+
+from hpcdistill.atomic import atomic_path
 
 FORMAT = "hpcdistill-dataset"
 FORMAT_VERSION = 1
@@ -64,8 +64,7 @@ def write_split(directory: Path, split: str, x: np.ndarray, y: np.ndarray, *, na
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     final = directory / f"{split}.h5"
-    tmp = directory / f".{split}.h5.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"  # created with the umask
-    try:
+    with atomic_path(final) as tmp:
         with h5py.File(tmp, "w") as f:
             for key, arr in (("x", x), ("y", y)):
                 f.create_dataset(key, data=arr, chunks=_chunks(arr))
@@ -75,20 +74,6 @@ def write_split(directory: Path, split: str, x: np.ndarray, y: np.ndarray, *, na
             if vocab is not None:
                 attrs["vocab"] = vocab
             f.attrs.update(attrs)
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, final)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)  # make the rename itself durable
-    finally:
-        os.close(dir_fd)
     return final
 
 
