@@ -105,11 +105,11 @@ def analyse(runs: dict, seeds: list[int], quick: bool) -> dict:
         if name.startswith("distill"):
             row["gap_closed"] = fmt(gap_closed(name), 0, 100)
             row["gap_closed_mean"] = mean_std(gap_closed(name))[0]
-        params = next((r.summary.get("distill", {}).get("student_parameters") for (n, _), r in ok.items() if n == name), None)
-        row["parameters"] = params
         res["rows"].append(row)
-    teacher_params = next((r.summary["distill"]["teacher_parameters"] for (n, _), r in ok.items()
-                           if n.startswith("distill-") and r.summary.get("distill")), None)
+    dsum = next((r.summary["distill"] for (n, _), r in ok.items() if n.startswith("distill-") and r.summary.get("distill")), {})
+    teacher_params = dsum.get("teacher_parameters")
+    for row in res["rows"]:
+        row["parameters"] = teacher_params if row["name"] == "teacher" else dsum.get("student_parameters")
     res["teacher_parameters"] = teacher_params
     res["omitted"] = {}
     for name in ("omit3-labels", "omit3-distill"):
