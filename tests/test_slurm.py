@@ -41,8 +41,6 @@ pytestmark = pytest.mark.skipif(
 SLOW = dict(HPCDISTILL_STEPS="150", HPCDISTILL_LOG_EVERY="10", HPCDISTILL_CHECKPOINT_EVERY="1000",
             HPCDISTILL_EVAL_EVERY="1000", HOROVOD_CYCLE_TIME="50")
 SIGNAL_AFTER_STEP = 10
-# Opt-in (about 9 minutes): a real time limit, --time=3 --signal=B:USR2@100, instead of scancel.
-REAL_TIME_LIMIT = os.environ.get("HPCD_TEST_TIMELIMIT") == "1"
 
 
 # --- Slurm ---------------------------------------------------------------------------------------------
@@ -191,9 +189,10 @@ def ws(slurm, tmp_path_factory) -> Workspace:
               HPCDISTILL_TEACHERS=str(ws.run_dir("hpcd-codistill", ws.jobs["codistill"])))
     ws.submit("reference", "sync.sbatch", "--ntasks=4", **SLOW)
     ws.submit("reference2", "sync.sbatch", "--ntasks=4", **SLOW)
-    if REAL_TIME_LIMIT:  # >= 0.5 s per step: the run outlasts the first warning
-        ws.submit("timelimit", "sync.sbatch", "--ntasks=4", "--time=3", "--signal=B:USR2@100",
-                  "--job-name=hpcd-timelimit", HPCD_MAX_RESTARTS=10, **{**SLOW, "HOROVOD_CYCLE_TIME": "500"})
+    # A real time limit (--time=3, warning 100 s before): >= 0.5 s per step, so the run outlasts
+    # the first warning and is requeued several times (about 7 minutes, alongside the other jobs).
+    ws.submit("timelimit", "sync.sbatch", "--ntasks=4", "--time=3", "--signal=B:USR2@100",
+              "--job-name=hpcd-timelimit", HPCD_MAX_RESTARTS=10, **{**SLOW, "HOROVOD_CYCLE_TIME": "500"})
     ws.submit("async", "async.sbatch", "--ntasks=4", HPCDISTILL_STEPS=30)
     ws.submit("sweep", "sweep.sbatch", "--ntasks=2", "--array=0-1", HPCDISTILL_MODE="sync", HPCDISTILL_STEPS=20,
               HPCD_SWEEP_VAR="HPCDISTILL_LR", HPCD_SWEEP_VALUES="0.02 0.1")
@@ -303,7 +302,6 @@ def test_sweep_job_array_one_run_dir_per_task(ws):
         assert (ws.path / f"hpcd-sweep-{job_id}_{task}.out").exists()
 
 
-@pytest.mark.skipif(not REAL_TIME_LIMIT, reason="set HPCD_TEST_TIMELIMIT=1 (takes several minutes)")
 def test_real_time_limit_requeues_until_done_with_the_same_weights(ws):
     job_id = ws.jobs["timelimit"]
     (record,) = wait_job(job_id, timeout=900)
