@@ -20,7 +20,8 @@ step (SGD with momentum for `mlp`, AdamW for `charlm`, as `hpcdistill train` pic
 
 The time of a phase is that of its slowest rank; the table gives the median over repetitions and
 the ratio to DDP of the median step times (< 1: faster than DDP), and the same for the fastest
-phase of each ("best": what an idle machine approaches when other work adds noise).
+phase of each ("best": what an idle machine approaches when other work adds noise), and the CPU
+time per step of a rank's process (all its threads: Horovod's background thread, gloo's).
 `--cycle-times 0.2,...` adds Horovod variants with HOROVOD_CYCLE_TIME (ms) set.
 """
 
@@ -71,6 +72,19 @@ def loss_of(model, x, y):
     return F.cross_entropy(z.reshape(-1, z.shape[-1]), y.reshape(-1))
 
 
+def timed_phase(world, one, warmup, steps) -> tuple[float, float]:
+    """(wall seconds per step of the slowest rank, CPU seconds per step of the process, all its
+    threads, mean over ranks)."""
+    for _ in range(warmup):
+        one()
+    world.Barrier()
+    t, c = time.perf_counter(), time.process_time()
+    for _ in range(steps):
+        one()
+    dt, dc = (time.perf_counter() - t) / steps, (time.process_time() - c) / steps
+    return world.allreduce(dt, op=MPI.MAX), world.allreduce(dc) / world.Get_size()
+
+
 def run_horovod(world, base, kind, x, y, warmup, steps, cycle_ms=None) -> float:
     import horovod.torch as hvd
 
@@ -88,15 +102,9 @@ def run_horovod(world, base, kind, x, y, warmup, steps, cycle_ms=None) -> float:
     def one():
         updater.step(model, lambda: (loss := loss_of(model, x, y), {"loss": loss}), lr=0.01)
 
-    for _ in range(warmup):
-        one()
-    world.Barrier()
-    t = time.perf_counter()
-    for _ in range(steps):
-        one()
-    dt = (time.perf_counter() - t) / steps
+    result = timed_phase(world, one, warmup, steps)
     hvd.shutdown()
-    return world.allreduce(dt, op=MPI.MAX)
+    return result
 
 
 def run_ddp(world, base, kind, x, y, warmup, steps) -> float:
@@ -112,14 +120,7 @@ def run_ddp(world, base, kind, x, y, warmup, steps) -> float:
         loss_of(model, x, y).backward()
         opt.step()
 
-    for _ in range(warmup):
-        one()
-    world.Barrier()
-    t = time.perf_counter()
-    for _ in range(steps):
-        one()
-    dt = (time.perf_counter() - t) / steps
-    return world.allreduce(dt, op=MPI.MAX)
+    return timed_phase(world, one, warmup, steps)
 
 
 def main() -> int:
@@ -157,19 +158,21 @@ def main() -> int:
         base = build_model(arch_for(name, kind=kind, input_shape=shape, num_classes=classes))
         x, y = make_batch(name, args.batch_size, seed=1 + rank)
         # calibrate: steps per phase so that a phase lasts about --phase-seconds
-        probe = run_ddp(world, base, kind, x, y, 2, 3)
+        probe = run_ddp(world, base, kind, x, y, 2, 3)[0]
         steps = max(5, min(1000, int(args.phase_seconds / probe)))
         steps = world.bcast(steps, root=0)
         impls = ["ddp", "horovod"] + [f"horovod@{c}" for c in args.cycle_times.split(",") if c]
         times = {i: [] for i in impls}
+        cpu = {i: [] for i in impls}
         for rep in range(args.reps):
             for impl in (impls if rep % 2 == 0 else impls[::-1]):
                 if impl == "ddp":
-                    dt = run_ddp(world, base, kind, x, y, args.warmup, steps)
+                    dt, dc = run_ddp(world, base, kind, x, y, args.warmup, steps)
                 else:
                     cycle = float(impl.split("@")[1]) if "@" in impl else None
-                    dt = run_horovod(world, base, kind, x, y, args.warmup, steps, cycle)
+                    dt, dc = run_horovod(world, base, kind, x, y, args.warmup, steps, cycle)
                 times[impl].append(dt)
+                cpu[impl].append(dc)
             if rank == 0:
                 print(f"  {name} rep {rep}: " + ", ".join(f"{i} {times[i][-1] * 1e3:.2f} ms" for i in impls),
                       file=sys.stderr, flush=True)
@@ -179,7 +182,7 @@ def main() -> int:
             label = "DDP (gloo)" if impl == "ddp" else (
                 "Horovod (hpcdistill)" if impl == "horovod" else f"Horovod, HOROVOD_CYCLE_TIME={impl.split('@')[1]}")
             results.append([name, f"{count_parameters(base):,}", label, str(steps), f"{t * 1e3:.2f}",
-                            f"{t / td:.2f}", f"{b * 1e3:.2f}", f"{b / bd:.2f}"])
+                            f"{t / td:.2f}", f"{b * 1e3:.2f}", f"{b / bd:.2f}", f"{median(cpu[impl]) * 1e3:.2f}"])
     elapsed = time.perf_counter() - t_all
     if rank == 0:
         print(f"# step time: Horovod {__import__('horovod').__version__} (hpcdistill SyncUpdater) vs "
@@ -188,7 +191,7 @@ def main() -> int:
         print(f"# {size} ranks, batch {args.batch_size} per rank, median of {args.reps} interleaved phases "
               f"(steps each as in the table); {elapsed:.0f} s")
         print(table(["model", "params", "implementation", "steps/phase", "ms/step", "vs DDP", "best ms/step",
-                     "best vs DDP"], results))
+                     "best vs DDP", "CPU ms/step"], results))
     dist.destroy_process_group()
     return 0
 

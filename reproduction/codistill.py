@@ -116,6 +116,7 @@ def analyse(runs: dict, seeds: list[int], quick: bool) -> dict:
             row["exchange_seconds"] = fmt([c["exchange_seconds"] for c in cd], 1)
         res["rows"].append(row)
         res["curves"][name] = _mean_curve([r.val_curve(g["group"]) for _, r, g in models])
+        res.setdefault("model_curves", {})[name] = {f"{s}/{g['group']}": r.val_curve(g["group"]) for s, r, g in models}
     res["churn"] = _churn(ok, seeds)
     return res
 
@@ -189,4 +190,39 @@ def plots(res: dict, img_dir, rel: str) -> list[tuple[str, str]]:
         fig.savefig(img_dir / fname, dpi=110)
         plt.close(fig)
         made.append((title, f"{rel}/{fname}"))
+    made += _delta_plot(res, img_dir, rel, plt)
     return made
+
+
+def _delta_plot(res, img_dir, rel, plt) -> list:
+    """Validation loss minus sync-2's at the same step and seed (group 0: the same initial weights)."""
+    curves = res.get("model_curves", {})
+    ref = curves.get("sync-2", {})
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    drawn = False
+    for name, per_model in curves.items():
+        if name == "sync-2":
+            continue
+        deltas = []
+        for key, curve in per_model.items():
+            if key.endswith("/0") and key in ref:
+                r = dict(ref[key])
+                deltas.append({st: v - r[st] for st, v in curve if st in r})
+        if not deltas:
+            continue
+        steps = sorted(set.intersection(*(set(d) for d in deltas)))
+        mean = [float(np.mean([d[st] for d in deltas])) for st in steps]
+        ax.plot(steps, mean, label=name, ls="-" if name in ("sync-4", "codistill", "label-smoothing") else "--")
+        drawn = True
+    if not drawn:
+        plt.close(fig)
+        return []
+    ax.axhline(0, color="grey", lw=1)
+    ax.set(xlabel="step (per group)", ylabel="val loss − sync-2's (same seed)",
+           title="Paired difference to sync-2 (group 0 models, mean over seeds; below 0 = better)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, ncol=2)
+    fig.tight_layout()
+    fig.savefig(img_dir / "codistill_delta_vs_sync2.png", dpi=110)
+    plt.close(fig)
+    return [("Paired difference to sync-2", f"{rel}/codistill_delta_vs_sync2.png")]

@@ -10,7 +10,8 @@ the same number of training samples for every method:
   dcasgd-c-M    the same with the constant delay compensation (lambda0 = 0.04)
   dcasgd-a-M    the same with the adaptive one (lambda0 = 2, m = 0.95)
   lr 0.25       sequential, asgd-8 and dcasgd-a-8 again at half the learning rate
-  straggler     sync-4 and dcasgd-a-4 with one rank sleeping as long as its step takes (2x slower)
+  tput-*        sync-4 and dcasgd-a-4 without and (right after) with one rank sleeping as long as its
+                step takes (2x slower): throughput
 
 Test error is on the 360 digits test images; staleness is what summary.json's async section
 reports (updates applied by others between a worker's pull and its push).
@@ -55,15 +56,16 @@ def run(runner, seeds: list[int], quick: bool) -> dict:
                 runs[(f"{rule}-altlr", 8, seed)] = runner.run(
                     f"dcasgd/lr{z['alt_lr']}-{rule}-8-s{seed}", 9,
                     {**hb, "HPCDISTILL_ASYNC_RULE": rule, "HPCDISTILL_STEPS": N // 8})
-        if seed == seeds[0] or not quick:  # throughput does not need many seeds
-            slow = {"HPCDISTILL_STRAGGLER_DELAY": z["straggler_delay"]}
-            runs[("sync-straggler", 4, seed)] = runner.run(
-                f"dcasgd/sync-4-straggler-s{seed}", 4,
-                {**b, **slow, "HPCDISTILL_MODE": "sync", "HPCDISTILL_STEPS": N // 4, "HPCDISTILL_STRAGGLER_RANK": 3})
-            runs[("dcasgd-a-straggler", 4, seed)] = runner.run(
-                f"dcasgd/dcasgd-a-4-straggler-s{seed}", 5,
-                {**b, **slow, "HPCDISTILL_MODE": "async", "HPCDISTILL_ASYNC_RULE": "dcasgd-a",
-                 "HPCDISTILL_STEPS": N // 4, "HPCDISTILL_STRAGGLER_RANK": 4})
+        # throughput: each method without and with a straggler, back to back, so that both runs see
+        # about the same load from whatever else the machine is doing
+        slow = {"HPCDISTILL_STRAGGLER_DELAY": z["straggler_delay"]}
+        for name, np_, extra in (("sync", 4, {"HPCDISTILL_MODE": "sync"}),
+                                 ("dcasgd-a", 5, {"HPCDISTILL_MODE": "async", "HPCDISTILL_ASYNC_RULE": "dcasgd-a"})):
+            t = {**b, **extra, "HPCDISTILL_STEPS": N // 4, "HPCDISTILL_LOG_EVERY": 5,
+                 "HPCDISTILL_LR": z["alt_lr"]}  # the lr at which DC-ASGD-a stays finite
+            runs[(f"tput-{name}", 4, seed)] = runner.run(f"dcasgd/tput-{name}-4-s{seed}", np_, t)
+            runs[(f"tput-{name}-straggler", 4, seed)] = runner.run(
+                f"dcasgd/tput-{name}-4-straggler-s{seed}", np_, {**t, **slow, "HPCDISTILL_STRAGGLER_RANK": np_ - 1})
     return analyse(runs, seeds, quick)
 
 
@@ -80,6 +82,17 @@ def throughput(run) -> float | None:
     if "version" in recs[0]:
         return (recs[-1]["version"] - recs[0]["version"]) * batch / dt
     return (recs[-1]["step"] - recs[0]["step"]) * run.np * batch / dt
+
+
+def updates_share(run) -> float | None:
+    """Async only, independent of the machine's speed: global updates per step of the lead worker,
+    divided by the number of workers (1.0: every worker kept pace with the lead; a 2x straggler among
+    4 workers: 3.5 / 4 = 0.875)."""
+    recs = [r for r in run.metrics() if "version" in r]
+    if len(recs) < 2 or recs[-1]["step"] == recs[0]["step"]:
+        return None
+    workers = run.np - 1
+    return (recs[-1]["version"] - recs[0]["version"]) / (recs[-1]["step"] - recs[0]["step"]) / workers
 
 
 def analyse(runs: dict, seeds: list[int], quick: bool) -> dict:
@@ -121,12 +134,16 @@ def analyse(runs: dict, seeds: list[int], quick: bool) -> dict:
                 "diverged": sum(any(x.get("loss") != x.get("loss") for x in r.metrics()) for r in rs),
                 "runs": len(rs)}
     for label, name in (("sync-4", "sync"), ("dcasgd-a-4", "dcasgd-a")):
-        normal = [throughput(ok[(name, 4, s)]) for s in seeds if (name, 4, s) in ok]
-        slow = [throughput(ok[(name + "-straggler", 4, s)]) for s in seeds if (name + "-straggler", 4, s) in ok]
-        walls = [ok[(name + "-straggler", 4, s)].summary["wall_seconds"] for s in seeds if (name + "-straggler", 4, s) in ok]
-        if normal or slow:
-            ratio = [b / a for a, b in zip(normal, slow) if a and b]
-            res["throughput"][label] = {"normal": fmt(normal, 0), "straggler": fmt(slow, 0),
-                                        "ratio": fmt(ratio, 2), "ratio_mean": mean_std(ratio)[0],
-                                        "straggler_wall": fmt(walls, 1)}
+        pairs = [(ok[(f"tput-{name}", 4, s)], ok[(f"tput-{name}-straggler", 4, s)]) for s in seeds
+                 if (f"tput-{name}", 4, s) in ok and (f"tput-{name}-straggler", 4, s) in ok]
+        if not pairs:
+            continue
+        normal, slow = [throughput(a) for a, _ in pairs], [throughput(b) for _, b in pairs]
+        ratio = [y / x for x, y in zip(normal, slow) if x and y]
+        row = {"normal": fmt(normal, 0), "straggler": fmt(slow, 0), "ratio": fmt(ratio, 2),
+               "ratio_mean": mean_std(ratio)[0], "pairs": len(pairs)}
+        if name != "sync":
+            row["updates_share"] = fmt([updates_share(b) for _, b in pairs], 2)
+            row["updates_share_normal"] = fmt([updates_share(a) for a, _ in pairs], 2)
+        res["throughput"][label] = row
     return res

@@ -101,7 +101,7 @@ def analyse(runs: dict, seeds: list[int], quick: bool) -> dict:
     for name in ["teacher", "student-alone"] + [f"distill-T{T}" for T in z["temperatures"]]:
         row = {"name": name, "errors": fmt(col(name), 1), "error_pct": fmt([e / n_test if e is not None else None
                                                                             for e in col(name)], 2, 100),
-               "errors_mean": mean_std(col(name))[0]}
+               "errors_mean": mean_std(col(name))[0], "errors_list": col(name)}
         if name.startswith("distill"):
             row["gap_closed"] = fmt(gap_closed(name), 0, 100)
             row["gap_closed_mean"] = mean_std(gap_closed(name))[0]

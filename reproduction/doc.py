@@ -102,7 +102,8 @@ def _codistill(res: dict) -> tuple[str, list]:
     pairs = [(a, b) for a, b in (("sync-4", "sync-2"), ("codistill", "sync-2"), ("codistill", "sync-4"),
                                  ("codistill", "label-smoothing"), ("codistill", "shared-data"),
                                  ("label-smoothing", "sync-2"), ("burn-in-150", "codistill"),
-                                 ("burn-in-150", "sync-2"))] + \
+                                 ("burn-in-150", "sync-2"), ("exchange-1", "sync-2"), ("exchange-10", "sync-2"),
+                                 ("exchange-1", "sync-4"))] + \
             [("codistill", n) for n in res["final"] if n.startswith("exchange-")]
     rows = [[f"{a} − {b}", len(d), _fmt_d(d)] for a, b in pairs if (d := _paired(res, a, b))]
     if rows:
@@ -135,36 +136,45 @@ def _codistill_verdicts(res: dict) -> list:
     v = []
     rows = {r["name"]: r for r in res["rows"]}
     steps = res["sizes"]["steps"]
-    cd, s4 = rows.get("codistill", {}), rows.get("sync-4", {})
-    if cd:
-        n, k = cd.get("group0_models", 0), cd.get("reached_sync-2", 0)
-        m = cd.get("steps_to_sync-2_mean")
-        scale = (f"sync-4 reached sync-2's final loss at step {s4['steps_to_sync-2']} of {steps}, so adding sync "
-                 f"ranks still paid off (the paper's precondition, saturated sync scaling, does not hold here)"
-                 if s4.get("reached_sync-2") else "sync-4 did not reach sync-2's final loss either")
+    s4 = rows.get("sync-4", {})
+    scale = (f"sync-4 itself reached sync-2's final loss at step {s4.get('steps_to_sync-2')}, so adding sync ranks "
+             f"still paid off: the paper's precondition (sync scaling saturated) does not hold here"
+             if s4.get("reached_sync-2") else "sync-4 did not reach sync-2's final loss either")
+    parts, words = [], []
+    for name, label in (("codistill", "exchange every 50"), ("exchange-1", "exchange every step")):
+        cd = rows.get(name)
+        if not cd:
+            continue
+        n, k, m = cd.get("group0_models", 0), cd.get("reached_sync-4", 0), cd.get("steps_to_sync-4_mean")
         ratio = steps / m if k and m == m else None
-        word = ("reproduced" if ratio and ratio >= 1.6 and k == n else
-                "partly" if ratio and ratio >= 1.1 and 2 * k >= n else "not reproduced")
-        v.append(("2-way codistillation reaches the loss of sync in ~half the steps", word,
-                  f"codistill group-0 models reached sync-2's final loss in {k}/{n} seeds"
-                  + (f" (mean step {m:.0f} of {steps}, {ratio:.2f}x)" if ratio else "")
-                  + f"; sync-4's final loss in {cd.get('reached_sync-4', 0)}/{n}; {scale}"))
+        words.append("reproduced" if ratio and ratio >= 1.6 and k == n else
+                     "partly" if ratio and ratio >= 1.1 and k == n else "not reproduced")
+        d = _paired(res, name, "sync-4")
+        parts.append(f"{label}: group 0 reached sync-4's final loss in {k}/{n} seeds"
+                     + (f" (mean step {m:.0f} of {steps})" if ratio else "")
+                     + f", sync-2's in {cd.get('reached_sync-2', 0)}/{n}; final val loss − sync-4's: {_fmt_d(d)}")
+    if parts:
+        best = max(words, key=["not reproduced", "partly", "reproduced"].index)
+        v.append(("at the same 4 ranks, 2-way codistillation reaches sync's loss in ~half the steps", best,
+                  "; ".join(parts) + f"; {scale}"))
     for claim, a, b in (("beats the label-smoothing control of equal weight", "codistill", "label-smoothing"),
                         ("disjoint data beats shared data", "codistill", "shared-data"),
-                        ("each codistilled model beats its group trained alone (sync-2)", "codistill", "sync-2")):
+                        ("each codistilled model beats its group trained alone (sync-2), exchange every 50",
+                         "codistill", "sync-2"),
+                        ("the same with fresh teachers (exchange every step)", "exchange-1", "sync-2")):
         d = _paired(res, a, b)
         if d:
             v.append((claim, _paired_word(d), f"final val loss {a} − {b}: {_fmt_d(d)} ({len(d)} pairs)"))
     sweep = sorted([(int(n.split("-")[1]), n) for n in res["final"] if n.startswith("exchange-")] + [(50, "codistill")])
     if len(sweep) > 1:
         text = ", ".join(f"every {k}: {mean_std(list(res['final'][n].values()))[0]:.4f}" for k, n in sweep)
-        stale = [x for k, n in sweep if k >= 200 for x in _paired(res, n, "codistill")]
-        fresh = [x for k, n in sweep if k < 50 for x in _paired(res, n, "codistill")]
-        word = ("reproduced" if stale and _paired_word([-x for x in stale]) == "reproduced" else
-                "not reproduced" if stale else "not measured")
-        v.append(("teachers tens of steps stale are fine, very stale ones hurt", word,
-                  f"final val loss by exchange interval: {text}; (≥200) − (50): {_fmt_d(stale) if stale else '—'}, "
-                  f"(<50) − (50): {_fmt_d(fresh) if fresh else '—'}"))
+        # relative to training length: 300 steps here vs ~10^5 in the paper, so 50 steps is already very stale
+        fresh_minus_stale = [x for k, n in sweep if k <= 10 for x in _paired(res, n, "codistill")]
+        very = [x for k, n in sweep if k >= 200 for x in _paired(res, n, "codistill")]
+        v.append(("fresh teachers are fine, stale teachers slow training down", _paired_word(fresh_minus_stale),
+                  f"final val loss by exchange interval: {text}; exchange every 1-10 − every 50: "
+                  f"{_fmt_d(fresh_minus_stale) if fresh_minus_stale else '—'}; every ≥200 − every 50: "
+                  f"{_fmt_d(very) if very else '—'} (50 steps is 1/6 of these runs)"))
     ch = res.get("churn", {})
     if "sync-4 retrains" in ch and "codistill retrains" in ch:
         a, b = ch["codistill retrains"]["values"], ch["sync-4 retrains"]["values"]
@@ -206,14 +216,16 @@ def _dcasgd(res: dict) -> tuple[str, list]:
         out.append(_table(["run", "test error %", "diverged"],
                           [[k, v["error"], f"{v['diverged']}/{v['runs']}"] for k, v in res["alt_lr"].items()]))
     if res["throughput"]:
-        out.append(f"\n**Throughput with a straggler** (one rank sleeps {z['straggler_delay']:.0f}x its step time, "
-                   "i.e. runs 2x slower): training samples per second over the lead worker's logged span "
-                   "(start-up and teardown excluded; async counts every worker's updates via the global update "
-                   "counter). The ideal: sync drops to 0.5x (every step waits for the straggler), async with 4 "
-                   "workers to 3.5/4 = 0.875x.\n")
-        out.append(_table(["method", "samples/s, no straggler", "samples/s, straggler", "ratio", "wall s (straggler run)"],
-                          [[k, v["normal"], v["straggler"], v["ratio"], v["straggler_wall"]]
-                           for k, v in res["throughput"].items()]))
+        out.append(f"\n**Throughput with a straggler** (the last rank sleeps {z['straggler_delay']:.0f}x its step "
+                   f"time, i.e. runs 2x slower; each pair of runs back to back; lr {z['alt_lr']}, at which DC-ASGD-a stays finite): training samples per second over "
+                   "the lead worker's logged span (start-up and teardown excluded; async counts every worker's "
+                   "updates via the global update counter). Ideal on a real cluster: sync drops to 0.5x (every "
+                   "step waits for the straggler), async with 4 workers to 3.5 / 4 = 0.875x. \"Updates share\" "
+                   "(async only, independent of the machine's speed): global updates per lead-worker step / 4.\n")
+        out.append(_table(["method", "pairs", "samples/s, no straggler", "samples/s, straggler", "ratio",
+                           "updates share, no straggler", "updates share, straggler"],
+                          [[k, v.get("pairs"), v["normal"], v["straggler"], v["ratio"], v.get("updates_share_normal"),
+                            v.get("updates_share")] for k, v in res["throughput"].items()]))
     return "\n".join(out), _dcasgd_verdicts(res)
 
 
@@ -243,7 +255,7 @@ def _dcasgd_verdicts(res: dict) -> list:
             good = [x for x in rec if not math.isnan(x)]
             word = ("reproduced" if good and min(good) >= 0.5 else "partly" if good and max(good) > 0 else
                     "not testable (no ASGD gap)" if not good else "not reproduced")
-            v.append((f"{rule.upper()} recovers most of ASGD's gap to sequential SGD", word, "; ".join(parts)))
+            v.append((f"{rule.replace('dcasgd', 'DC-ASGD')} recovers most of ASGD's gap to sequential SGD", word, "; ".join(parts)))
     tp = res.get("throughput", {})
     if "sync-4" in tp and "dcasgd-a-4" in tp:
         s, a = tp["sync-4"]["ratio_mean"], tp["dcasgd-a-4"]["ratio_mean"]
@@ -267,8 +279,9 @@ def _distill(res: dict) -> tuple[str, list]:
     rows = res["rows"]
     out.append(_table(["model", "parameters", "test errors (of 360)", "test error %", "share of gap closed %"],
                       [[r["name"], r.get("parameters"), r["errors"], r["error_pct"], r.get("gap_closed")] for r in rows]))
-    out.append("\nPaper (MNIST, errors of 10000): teacher 67, student alone 146, distilled student (T = 20) 74: "
-               "91 % of the gap closed.\n")
+    out.append("\nPaper (MNIST, errors of 10000): teacher 67, student alone (2 x 800) 146, the same student "
+               "distilled at T = 20: 74, i.e. 91 % of the gap closed. For students with 30 units per layer (like "
+               "`mlp-small`'s 32) the paper found T = 2.5-4 significantly better than higher or lower T.\n")
     om = res.get("omitted", {})
     if om:
         n3 = next(iter(om.values()))["n3"]
@@ -285,23 +298,37 @@ def _distill(res: dict) -> tuple[str, list]:
 
 
 def _distill_verdicts(res: dict) -> list:
+    """Hinton et al. used T = 20 for their 2 x 800 student, but found T = 2.5-4 best for a student with
+    30 units per layer, which is what mlp-small (2 x 32) is: the gap is judged at T = 4 (and shown at 20)."""
     v = []
     rows = {r["name"]: r for r in res["rows"]}
-    T20 = rows.get(f"distill-T{res['sizes']['omit_T']}", {})
-    if T20.get("gap_closed_mean") is not None and not math.isnan(T20["gap_closed_mean"]):
-        g = T20["gap_closed_mean"]
-        word = "reproduced" if g >= 0.5 else "partly" if g > 0.1 else "not reproduced"
-        v.append(("a distilled small student closes most of the gap to the teacher (T = 20)", word,
-                  f"errors teacher {rows['teacher']['errors']}, alone {rows['student-alone']['errors']}, distilled "
-                  f"{T20['errors']}: {g * 100:.0f} % of the gap closed"))
-    temps = [(int(n.split("T")[1]), r["errors_mean"]) for n, r in rows.items() if n.startswith("distill-T")]
-    temps = [(t, e) for t, e in temps if e is not None and not math.isnan(e)]
-    if temps:
-        best = min(temps, key=lambda x: x[1])
-        low = dict(temps).get(1)
-        word = "reproduced" if low is not None and best[0] > 1 and best[1] < low else "not reproduced"
-        v.append(("soft targets at a raised temperature beat T = 1", word,
-                  "mean test errors by T: " + ", ".join(f"T={t}: {e:.1f}" for t, e in sorted(temps))))
+
+    def gap(name):
+        r = rows.get(name, {})
+        return r.get("gap_closed_mean") if r.get("gap_closed_mean") == r.get("gap_closed_mean") else None
+
+    g4, g20 = gap("distill-T4"), gap("distill-T20")
+    if g4 is not None:
+        d = [x - y for x, y in zip(rows["distill-T4"].get("errors_list", []), rows["student-alone"].get("errors_list", []))
+             if x is not None and y is not None]
+        word = _paired_word(d)
+        if word == "reproduced" and g4 < 0.5:
+            word = "partly"
+        v.append(("a distilled small student closes most of the gap to the teacher", word,
+                  f"test errors (of 360) teacher {rows['teacher']['errors']}, student alone "
+                  f"{rows['student-alone']['errors']}, distilled at T = 4 {rows['distill-T4']['errors']} "
+                  f"({g4 * 100:.0f} % of the gap closed)"
+                  + (f"; at T = 20 {rows['distill-T20']['errors']} ({g20 * 100:.0f} %)" if g20 is not None else "")))
+    temps = {int(n.split("T")[1]): r["errors_mean"] for n, r in rows.items()
+             if n.startswith("distill-T") and r["errors_mean"] == r["errors_mean"]}
+    if {1, 4, 20} <= set(temps):
+        best = min(temps, key=temps.get)
+        mid = min(temps.get(2, math.inf), temps[4])
+        word = ("reproduced" if best in (2, 4) and temps[1] > mid < temps[20] else
+                "partly" if temps[1] > mid < temps[20] else "not reproduced")
+        v.append(("for a ~30-unit student, T of 2.5-4 beats lower and higher T (best T here: "
+                  f"{best})", word,
+                  "mean test errors by T: " + ", ".join(f"T={t}: {e:.1f}" for t, e in sorted(temps.items()))))
     om = res.get("omitted", {})
     if "omit3-distill" in om:
         d = om["omit3-distill"]["raw"]
@@ -311,7 +338,7 @@ def _distill_verdicts(res: dict) -> list:
         c = mean_std([p["acc_3"] for p in ctrl])[0] if ctrl else None
         word = "reproduced" if accb >= 0.8 and (c is None or acc > c) else "partly" if acc > (c or 0) else "not reproduced"
         v.append(("a student that never saw a 3 still recognises most 3s (after a bias correction)", word,
-                  f"accuracy on test 3s: distilled {acc * 100:.0f} % raw, {accb * 100:.0f} % with the bias; "
+                  f"accuracy on the test 3s: distilled {acc * 100:.0f} % raw, {accb * 100:.0f} % with the bias; "
                   + (f"labels-only control {c * 100:.0f} %" if c is not None else "")))
     return v
 
