@@ -134,7 +134,7 @@ def main() -> int:
 
     if rank == 0:
         print(f"# allreduce: Horovod {__import__('horovod').__version__} vs mpi4py {__import__('mpi4py').__version__} "
-              f"({MPI.Get_library_version().splitlines()[0].strip()})")
+              f"({MPI.Get_library_version().replace(chr(0), '').splitlines()[0].strip()})")
         print(f"# {machine(size)}")
         print(f"# world {size} ranks, {groups} group(s); float32 SUM in place; median of {args.reps} "
               f"interleaved repetitions; {elapsed:.0f} s")

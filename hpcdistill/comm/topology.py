@@ -2,8 +2,8 @@
 
 Codistillation splits MPI_COMM_WORLD into equal, contiguous groups (contiguous so that a group
 tends to share a node and its allreduce stays on the fast links). Each group gets its own MPI
-sub-communicator (for RMA windows and broadcasts) and its own Horovod process set (for gradient
-allreduce). Rank 0 of each group is its leader: the only rank that touches the exchange directory
+sub-communicator (for RMA windows and broadcasts) and its own Horovod on it (for gradient
+allreduce; the group is that Horovod's process set). Rank 0 of each group is its leader: the only rank that touches the exchange directory
 and the only one that speaks in the logs.
 """
 
@@ -84,7 +84,7 @@ def build_topology(num_groups: int, *, horovod: bool = True) -> Topology:
         device=_device(local_rank), leaders_comm=leaders_comm,
     )
     if horovod:
-        topo.process_set = _init_horovod(world, num_groups, per, group)
+        topo.process_set = _init_horovod(group_comm)
     return topo
 
 
@@ -99,13 +99,16 @@ def _device(local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
-def _init_horovod(world, num_groups: int, per: int, group: int):
-    """Register every group's process set on every rank (Horovod requires the same list everywhere)."""
+def _init_horovod(group_comm):
+    """Each group its own Horovod, on its MPI sub-communicator: the group is Horovod's process set.
+
+    Registering one process set per group on a world-wide Horovod couples the groups: its background
+    thread negotiates across the whole world every cycle, so stopping one rank of group 1 for 2 s
+    stalled group 0's allreduce for 2 s (docs/benchmarks.md, (e)). Codistillation exists so that
+    groups do not wait for each other; nothing in the loop needs a world-wide Horovod (world-wide
+    steps use MPI directly). With one group, the group communicator is the world.
+    """
     import horovod.torch as hvd
 
-    if num_groups == 1:
-        hvd.init(comm=world)
-        return hvd.global_process_set
-    sets = [hvd.ProcessSet(list(range(g * per, (g + 1) * per))) for g in range(num_groups)]
-    hvd.init(comm=world, process_sets=sets)
-    return sets[group]
+    hvd.init(comm=group_comm)
+    return hvd.global_process_set
