@@ -3,15 +3,16 @@
     OMP_NUM_THREADS=1 mpirun --allow-run-as-root -np 2 .venv/bin/python benchmarks/allreduce.py
     OMP_NUM_THREADS=1 mpirun --allow-run-as-root --oversubscribe -np 4 .venv/bin/python benchmarks/allreduce.py
 
-The world is set up by hpcdistill.comm.topology.build_topology, as `hpcdistill train` does: with G
-groups (--groups, default 2 from 4 ranks up, else 1) every rank gets an MPI sub-communicator of its
-group and the matching Horovod process set. For each float32 buffer size (1 KB .. 64 MB):
-`comm.Allreduce(MPI.IN_PLACE, buf, SUM)` (mpi4py) and `hvd.allreduce_(tensor, op=hvd.Sum,
-process_set=...)` on the same memory (the tensor is a view of the numpy buffer), in the group
-(sub-communicator vs its process set; every group at once) and in the world (COMM_WORLD vs the
-global process set). Repetitions alternate raw-MPI and Horovod phases (M H H M ...), each phase
-going through every size; Horovod is initialised (as topology does it) for its phases only and
-shut down after them, since its idle background thread would otherwise slow the MPI phases down. A sample is the mean time of `iters` back-to-back
+The communicators come from hpcdistill.comm.topology.build_topology, as in `hpcdistill train`: with G
+groups (--groups, default 2 from 4 ranks up, else 1) every rank gets the MPI sub-communicator of its
+group, and Horovod is initialised on it the way topology does it (`hvd.init(comm=group_comm)`:
+each group its own Horovod; with one group that is the world). For each float32 buffer size (1 KB ..
+64 MB): `comm.Allreduce(MPI.IN_PLACE, buf, SUM)` (mpi4py) and `hvd.allreduce_(tensor, op=hvd.Sum)`
+on the same memory (the tensor is a view of the numpy buffer), in the group (every group at once)
+and in the world (COMM_WORLD vs Horovod initialised on it). Repetitions alternate raw-MPI and
+Horovod phases (M H H M ...), each phase going through every size; Horovod is initialised for its
+phases only and shut down after them, since its idle background thread would otherwise slow the
+MPI phases down. A sample is the mean time of `iters` back-to-back
 calls (about --sample-ms long, the same count for both paths), the slowest rank's; the table gives the median over repetitions, the algorithm bandwidth
 (bytes / time) and the ratio Horovod/MPI of the bandwidths (> 1: Horovod faster); the "best" columns are the fastest
 sample of each (what an idle machine approaches when other work adds noise).
@@ -58,19 +59,18 @@ def main() -> int:
 
     size = int(os.environ.get("OMPI_COMM_WORLD_SIZE", "1"))
     groups = args.groups or (2 if size >= 4 else 1)
-    topo = build_topology(groups)  # communicators and Horovod, as `hpcdistill train` sets them up
+    topo = build_topology(groups, horovod=False)  # the communicators, as `hpcdistill train` makes them
     import horovod.torch as hvd
-
-    hvd.shutdown()  # re-initialised per Horovod phase below
 
     world, rank = topo.world, topo.rank
     comms = [("world", world)] + ([(f"group of {topo.group_size}", topo.group_comm)] if groups > 1 else [])
     comms.reverse()  # the group first when there is one
 
-    def horovod_sets():
-        """(Re)initialise Horovod exactly as hpcdistill.comm.topology does; the sets, by name."""
-        ps = _init_horovod(world, groups, topo.group_size, topo.group)
-        return {"world": hvd.global_process_set, **({comms[0][0]: ps} if groups > 1 else {})}
+    def horovod_for(name):
+        """Initialise Horovod for one communicator as hpcdistill.comm.topology does it (each group its
+        own Horovod on its sub-communicator; with one group that is the world); its process set."""
+        _init_horovod(world if name == "world" else topo.group_comm)
+        return hvd.global_process_set
 
     sizes = []
     n = args.min_kb * 1024
@@ -79,54 +79,52 @@ def main() -> int:
         n *= 4
     buf = np.zeros(max(sizes) // 4, np.float32)
     tensor = torch.from_numpy(buf)
-    # correctness once per set: ones sum to the set's size on both paths
-    sets = horovod_sets()
+
+    def ops(comm, nbytes, ps=None):
+        count = nbytes // 4
+        view, tview = buf[:count], tensor[:count]
+        if ps is None:
+            return lambda: comm.Allreduce(MPI.IN_PLACE, view, op=MPI.SUM)
+        return lambda: hvd.allreduce_(tview, op=hvd.Sum, process_set=ps, name=f"bench.{nbytes}")
+
+    # correctness once per communicator (ones sum to its size on both paths), and the iterations per
+    # sample: about --sample-ms of the slower path, the same count for both paths
+    iters = {}
     for name, comm in comms:
+        ps = horovod_for(name)
         buf[:256] = 1
         comm.Allreduce(MPI.IN_PLACE, buf[:256], op=MPI.SUM)
         ok_mpi = np.all(buf[:256] == comm.Get_size())
         buf[:256] = 1
-        hvd.allreduce_(tensor[:256], op=hvd.Sum, process_set=sets[name], name=f"check.{name}")
+        hvd.allreduce_(tensor[:256], op=hvd.Sum, process_set=ps, name="check")
         ok_hvd = np.all(buf[:256] == comm.Get_size())
         assert ok_mpi and ok_hvd, (name, ok_mpi, ok_hvd)
-    buf[:] = 1  # written once: every page is mapped before timing
-    buf[:] = 0  # zeros: sums stay 0 (no overflow, no denormals), work per element unchanged
-
-    def ops(name, comm, nbytes, sets):
-        count = nbytes // 4
-        view, tview = buf[:count], tensor[:count]
-        if sets is None:
-            return lambda: comm.Allreduce(MPI.IN_PLACE, view, op=MPI.SUM)
-        ps, key = sets[name], f"bench.{name}.{nbytes}"
-        return lambda: hvd.allreduce_(tview, op=hvd.Sum, process_set=ps, name=key)
-
-    # iterations per sample: about --sample-ms of the slower path, the same count for both paths
-    iters = {}
-    for nbytes in sizes:
-        for name, comm in comms:
-            mpi_op, hvd_op = ops(name, comm, nbytes, None), ops(name, comm, nbytes, sets)
+        buf[:] = 1  # written once: every page is mapped before timing
+        buf[:] = 0  # zeros: sums stay 0 (no overflow, no denormals), work per element unchanged
+        for nbytes in sizes:
+            mpi_op, hvd_op = ops(comm, nbytes), ops(comm, nbytes, ps)
             for _ in range(2):  # warm-up (Horovod negotiates a new tensor name once, then caches it)
                 mpi_op(), hvd_op()
             per_call = max(timed(world, mpi_op, 3), timed(world, hvd_op, 3))
             iters[(name, nbytes)] = world.bcast(max(1, min(200, int(args.sample_ms / 1e3 / per_call))), root=0)
-    hvd.shutdown()
+        hvd.shutdown()
 
-    # Phases alternate (M H H M M H ...). Horovod is initialised for its phases only: while it is up,
-    # its background thread keeps calling MPI every cycle (HOROVOD_CYCLE_TIME), and under
-    # MPI_THREAD_MULTIPLE those calls compete with the main thread's MPI_Allreduce for MPI's progress
-    # engine and for the core; the raw MPI phases run without it.
+    # Phases alternate (M H H M M H ...), per communicator. Horovod is initialised for its phases only:
+    # while it is up, its background thread keeps calling MPI every cycle (HOROVOD_CYCLE_TIME), and
+    # under MPI_THREAD_MULTIPLE those calls compete with the main thread's MPI_Allreduce for MPI's
+    # progress engine and for the core; the raw MPI phases run without it.
     results = {(name, nbytes): {"mpi": [], "hvd": []} for name, _ in comms for nbytes in sizes}
     t_start = time.perf_counter()
     for rep in range(args.reps):
-        for impl in (("mpi", "hvd") if rep % 2 == 0 else ("hvd", "mpi")):
-            sets = horovod_sets() if impl == "hvd" else None
-            for nbytes in sizes:
-                for name, comm in comms:
-                    fn = ops(name, comm, nbytes, sets)
+        for name, comm in comms:
+            for impl in (("mpi", "hvd") if rep % 2 == 0 else ("hvd", "mpi")):
+                ps = horovod_for(name) if impl == "hvd" else None
+                for nbytes in sizes:
+                    fn = ops(comm, nbytes, ps)
                     fn()  # one untimed call (Horovod: the tensor name is negotiated again after init)
                     results[(name, nbytes)][impl].append(timed(world, fn, iters[(name, nbytes)]))
-            if sets is not None:
-                hvd.shutdown()
+                if ps is not None:
+                    hvd.shutdown()
         if rank == 0:
             print(f"  rep {rep} done at {time.perf_counter() - t_start:.1f} s", file=sys.stderr, flush=True)
     elapsed = time.perf_counter() - t_start
@@ -147,7 +145,7 @@ def main() -> int:
                 rows.append([human_bytes(nbytes), f"{tm * 1e6:.0f}", f"{nbytes / tm / 1e9:.2f}",
                              f"{th * 1e6:.0f}", f"{nbytes / th / 1e9:.2f}", f"{tm / th:.2f}",
                              f"{bm * 1e6:.0f}", f"{bh * 1e6:.0f}", f"{bm / bh:.2f}"])
-            print(f"\n## {name} ({comm.Get_size()} ranks): raw MPI vs Horovod process set")
+            print(f"\n## {name} ({comm.Get_size()} ranks): raw MPI vs Horovod on this communicator")
             print(table(["size", "MPI us", "MPI GB/s", "Horovod us", "Horovod GB/s", "Horovod/MPI",
                          "best MPI us", "best Horovod us", "best Horovod/MPI"], rows))
     return 0

@@ -8,8 +8,10 @@ time an allreduce inside their own group, normally and while the last rank of th
 1) is stopped with SIGSTOP for `--stop` seconds (then SIGCONT), the way a straggler or a preempted
 node would stall. Two set-ups, one after the other in the same job:
 
-- "process sets": hvd.init(comm=COMM_WORLD, process_sets=[one per group]), as hpcdistill does;
-- "per-group init": hvd.init(comm=group_comm): each group its own Horovod, no process sets.
+- "process sets": hvd.init(comm=COMM_WORLD, process_sets=[one per group]), as hpcdistill did until
+  commit 1dbac8e (one world-wide Horovod, a process set per group);
+- "per-group init": hvd.init(comm=group_comm), each group its own Horovod, as
+  hpcdistill.comm.topology does it now.
 
 Also the CPU time that an idle Horovod costs (getrusage over `--idle` seconds of sleep, all of the
 process's threads; Horovod's background thread runs a negotiation cycle every HOROVOD_CYCLE_TIME).
@@ -52,10 +54,12 @@ def main() -> int:
     rows = []
     for setup in ("process sets", "per-group init"):
         if setup == "process sets":
-            ps = _init_horovod(world, 2, topo.group_size, topo.group)
+            per = topo.group_size
+            sets = [hvd.ProcessSet(list(range(g * per, (g + 1) * per))) for g in range(2)]
+            hvd.init(comm=world, process_sets=sets)
+            ps = sets[topo.group]
         else:
-            hvd.init(comm=topo.group_comm)
-            ps = hvd.global_process_set
+            ps = _init_horovod(topo.group_comm)
         t = torch.ones(1024)
         for _ in range(3):
             hvd.allreduce_(t, process_set=ps, name="probe")

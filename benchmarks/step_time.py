@@ -9,8 +9,9 @@ fixed synthetic batch of the dataset's shape (digits: 32 x 1x8x8 images, 10 clas
 token ids, vocabulary 96), per rank. A step is zero_grad, forward, cross-entropy, backward, optimizer
 step (SGD with momentum for `mlp`, AdamW for `charlm`, as `hpcdistill train` picks them).
 
-- Horovod: `hpcdistill.strategies.sync.SyncUpdater` (hvd.DistributedOptimizer with the process set
-  of the group; `hvd.init(comm=COMM_WORLD)` as hpcdistill.comm.topology does it for one group).
+- Horovod: `hpcdistill.strategies.sync.SyncUpdater` (hvd.DistributedOptimizer with the group's
+  process set), Horovod initialised by hpcdistill.comm.topology's `_init_horovod` on the group's
+  communicator, which for one group is the world.
   Horovod is initialised at the start of each of its phases and shut down at the end, because its
   background thread keeps polling while idle (measured here: 20-27 % of a core per rank) and would
   otherwise slow the DDP phases down.
@@ -42,7 +43,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from _common import machine, median, table  # noqa: E402
 
-from hpcdistill.comm.topology import init_mpi  # noqa: E402
+from hpcdistill.comm.topology import _init_horovod, init_mpi  # noqa: E402
 from hpcdistill.models import arch_for, build_model, count_parameters  # noqa: E402
 
 SHAPES = {  # model -> (kind, input_shape, classes)
@@ -94,7 +95,7 @@ def run_horovod(world, base, kind, x, y, warmup, steps, cycle_ms=None) -> float:
         os.environ.pop("HOROVOD_CYCLE_TIME", None)
     else:
         os.environ["HOROVOD_CYCLE_TIME"] = str(cycle_ms)
-    hvd.init(comm=world)  # what comm.topology does for a single group (the global process set)
+    _init_horovod(world)  # what comm.topology does for a single group (the group is the world)
     model = copy.deepcopy(base)
     updater = SyncUpdater(SimpleNamespace(group_comm=world, process_set=hvd.global_process_set),
                           model, make_optimizer(kind, model.parameters()))
