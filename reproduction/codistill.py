@@ -144,7 +144,7 @@ def _churn(ok: dict, seeds: list[int]) -> dict:
             cache[key] = _top1(ok[(name, seed)], group)
         return cache[key]
 
-    for name in ("sync-4", "sync-2", "codistill"):
+    for name in ("sync-4", "sync-2", "codistill", "exchange-1", "label-smoothing"):
         pairs = [(a, b) for a, b in combinations(seeds, 2) if (name, a) in ok and (name, b) in ok]
         values = []
         for a, b in pairs:

@@ -141,9 +141,10 @@ def analyse(runs: dict, seeds: list[int], quick: bool) -> dict:
         normal, slow = [throughput(a) for a, _ in pairs], [throughput(b) for _, b in pairs]
         ratio = [y / x for x, y in zip(normal, slow) if x and y]
         row = {"normal": fmt(normal, 0), "straggler": fmt(slow, 0), "ratio": fmt(ratio, 2),
-               "ratio_mean": mean_std(ratio)[0], "pairs": len(pairs)}
+               "ratio_mean": mean_std(ratio)[0], "ratio_list": ratio, "pairs": len(pairs)}
         if name != "sync":
             row["updates_share"] = fmt([updates_share(b) for _, b in pairs], 2)
+            row["updates_share_list"] = [updates_share(b) for _, b in pairs]
             row["updates_share_normal"] = fmt([updates_share(a) for a, _ in pairs], 2)
         res["throughput"][label] = row
     return res
