@@ -13,7 +13,6 @@ import math
 import os
 import shutil
 import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -217,7 +216,3 @@ def crossing_step(curve: list[tuple[int, float]], target: float) -> float | None
             return s0 + (step - s0) * (v0 - target) / (v0 - value)
         prev = (step, value)
     return None
-
-
-def python() -> str:
-    return sys.executable
