@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import traceback
 from pathlib import Path
 
 from hpcdistill.config import ConfigError, describe, load_settings
@@ -65,10 +66,20 @@ def cmd_train(args) -> int:
         return train(settings)
     except (ConfigError, DataError, ModelError, TeacherError) as exc:
         print(f"hpcdistill: {exc}", file=sys.stderr)
-        from mpi4py import MPI
-        if MPI.Is_initialized() and MPI.COMM_WORLD.Get_size() > 1:
-            MPI.COMM_WORLD.Abort(2)  # the other ranks may be waiting in a collective
-        return 2
+        return _abort_world(2)
+    except Exception:
+        traceback.print_exc()
+        return _abort_world(1)
+
+
+def _abort_world(code: int) -> int:
+    """A rank that fails alone must take the job down: the others may be waiting for it in a
+    collective, and a hung job burns its whole allocation instead of failing in seconds."""
+    from mpi4py import MPI
+    if MPI.Is_initialized() and not MPI.Is_finalized() and MPI.COMM_WORLD.Get_size() > 1:
+        sys.stderr.flush()
+        MPI.COMM_WORLD.Abort(code)
+    return code
 
 
 def cmd_doctor(args) -> int:

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import ROOT, clean_env, mpirun_cmd
 from hpcdistill.comm.rma import shard_bounds
 from hpcdistill.strategies.async_rma import MEANSQ_EPS, dc_delta
 
@@ -258,6 +259,21 @@ def test_no_lost_update_consistent_snapshots_and_exact_resume(tmp_path):
     assert np.array_equal(lead["resume_final"].astype(np.float64), expect)
     r = infos[0]["resume"]["summary"]["async"]
     assert r["updates"] == 4 * n and r["updates_this_run"] == 4 * n - ckpt_clocks.sum()
+
+
+@needs_mpi
+def test_sibling_groups_allocate_windows_without_clashing(tmp_path):
+    """Regression: Open MPI 4.1 named the shared-memory file of a window after the communicator's
+    context id, which sibling groups share; simultaneous allocation failed or hung about half the time."""
+    out = tmp_path / "windows.json"
+    proc = subprocess.run(mpirun_cmd(6, sys.executable, str(ROOT / "tests/mpi/group_windows.py"), str(out), "30"),
+                          env=clean_env(), capture_output=True, text=True, timeout=180, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "system call failed" not in proc.stderr.lower()
+    rows = json.loads(out.read_text())
+    for r in rows:
+        members = range(3 * r["group"], 3 * r["group"] + 3)
+        assert r["sum"] == sum(10.0 ** m for m in members)
 
 
 @needs_mpi

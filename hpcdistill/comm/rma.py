@@ -53,6 +53,25 @@ def polite_barrier(comm) -> None:
     polite_wait(comm.Ibarrier())
 
 
+def in_turn(world, group: int, num_groups: int, make):
+    """Run the collective `make()` (window allocation on a group's communicator) one group at a time.
+
+    Open MPI 4.1's osc/rdma names the shared-memory file behind a window after the job id and the
+    communicator's context id only (5.0 adds the pid). Sibling communicators from one Split share a
+    context id, so two groups on one node allocating windows at the same moment truncate and unlink
+    each other's file: "A system call failed during shared memory initialization", then a hang.
+    The file is unlinked once the group has attached, so taking turns (one world barrier per group,
+    at start-up only) removes the clash on every MPI.
+    """
+    result = None
+    for g in range(num_groups):
+        if g == group:
+            result = make()
+        if num_groups > 1:
+            world.Barrier()
+    return result
+
+
 def _local_array(win, dtype, count: int) -> np.ndarray:
     """The calling rank's own window memory as a numpy array (its host shard)."""
     if count == 0:

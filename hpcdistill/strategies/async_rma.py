@@ -31,7 +31,8 @@ import time
 import numpy as np
 import torch
 
-from hpcdistill.comm.rma import MPI, ClockWindow, CounterWindow, ShardedVector, polite_barrier, polite_wait
+from hpcdistill.comm.rma import (MPI, ClockWindow, CounterWindow, ShardedVector, in_turn, polite_barrier,
+                                 polite_wait)
 from hpcdistill.log import get_logger
 
 log = get_logger("async")
@@ -137,9 +138,10 @@ class AsyncUpdater:
 
         self.flat_param, self.params = flatten_parameters(model)
         self.n = self.flat_param.numel()
-        self.weights = ShardedVector(gc, self.hosts, self.n)
-        self.version = CounterWindow(gc, self.hosts[0])
-        self.clocks = ClockWindow(gc, self.hosts[0], self.num_workers)
+        self.weights, self.version, self.clocks = in_turn(
+            topo.world, topo.group, topo.num_groups,
+            lambda: (ShardedVector(gc, self.hosts, self.n), CounterWindow(gc, self.hosts[0]),
+                     ClockWindow(gc, self.hosts[0], self.num_workers)))
 
         self.w_bak = np.empty(self.n, np.float32)
         self.w_now = np.empty(self.n, np.float32)
