@@ -43,34 +43,46 @@ RULES = ("asgd", "dcasgd-c", "dcasgd-a")
 
 def dc_delta(g: np.ndarray, w_bak: np.ndarray, w_now: np.ndarray | None, *, rule: str, lr: float,
              lambda0: float, meansq: np.ndarray | None = None, decay: float = 0.95,
-             eps: float = MEANSQ_EPS) -> tuple[np.ndarray, np.ndarray | None]:
+             eps: float = MEANSQ_EPS, out: np.ndarray | None = None,
+             scratch: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
     """The pushed delta -lr * g_tilde of one DC-ASGD update, and the worker's new mean square.
 
     g_tilde = g + lambda_t * g * g * (w_now - w_bak); lambda_t = lambda0 (dcasgd-c) or, per element,
     lambda0 / sqrt(MS + eps) with MS <- decay * MS + (1 - decay) * g * g (dcasgd-a; MS starts at 0);
-    asgd: g_tilde = g. float32 in, float32 out; `meansq` is updated in place when given."""
+    asgd: g_tilde = g. float32 in, float32 out; `meansq` is updated in place when given.
+    Every step works in place in `out` and `scratch` (float32 buffers of g's size, allocated when not
+    given): a model-sized temporary per operation would cost more than the arithmetic."""
     if rule not in RULES:
         raise ValueError(f"unknown async rule {rule!r}; expected one of {RULES}")
     g = np.asarray(g, np.float32)
+    out = np.empty_like(g) if out is None else out
     if rule == "asgd" or lambda0 == 0:
         if rule == "dcasgd-a":  # keep the mean square current even when lambda0 = 0
-            meansq = _update_meansq(g, meansq, decay)
-        return (np.float32(-lr) * g).astype(np.float32, copy=False), meansq
-    gg = g * g
-    diff = np.asarray(w_now, np.float32) - np.asarray(w_bak, np.float32)
-    if rule == "dcasgd-c":
-        comp = np.float32(lambda0) * gg * diff
-    else:
-        meansq = _update_meansq(g, meansq, decay)
-        comp = (np.float32(lambda0) / np.sqrt(meansq + np.float32(eps))) * gg * diff
-    return (np.float32(-lr) * (g + comp)).astype(np.float32, copy=False), meansq
+            gg = np.multiply(g, g, out=np.empty_like(g) if scratch is None else scratch)
+            meansq = _update_meansq(gg, meansq, decay)
+        np.multiply(g, np.float32(-lr), out=out)
+        return out, meansq
+    gg = np.multiply(g, g, out=np.empty_like(g) if scratch is None else scratch)
+    np.subtract(np.asarray(w_now, np.float32), np.asarray(w_bak, np.float32), out=out)
+    out *= gg                                        # g * g * (w_now - w_bak)
+    if rule == "dcasgd-a":
+        meansq = _update_meansq(gg, meansq, decay)   # consumes gg
+        np.add(meansq, np.float32(eps), out=gg)
+        np.sqrt(gg, out=gg)
+        out /= gg
+    out *= np.float32(lambda0)
+    out += g
+    out *= np.float32(-lr)
+    return out, meansq
 
 
-def _update_meansq(g: np.ndarray, meansq: np.ndarray | None, decay: float) -> np.ndarray:
+def _update_meansq(gg: np.ndarray, meansq: np.ndarray | None, decay: float) -> np.ndarray:
+    """MS <- decay * MS + (1 - decay) * g * g, in place; `gg` (g * g) is overwritten."""
     if meansq is None:
-        meansq = np.zeros_like(g)
+        meansq = np.zeros_like(gg)
     meansq *= np.float32(decay)
-    meansq += np.float32(1 - decay) * g * g
+    gg *= np.float32(1 - decay)
+    meansq += gg
     return meansq
 
 
@@ -145,6 +157,8 @@ class AsyncUpdater:
 
         self.w_bak = np.empty(self.n, np.float32)
         self.w_now = np.empty(self.n, np.float32)
+        self.delta = np.empty(self.n, np.float32)
+        self.scratch = np.empty(self.n, np.float32)
         self.meansq: np.ndarray | None = None
         self.clock = self.start_clock = 0
         self.version0 = 0
@@ -282,7 +296,7 @@ class AsyncUpdater:
         g = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in self.params])
         g = g.detach().to("cpu", torch.float32).numpy()
         if self.weight_decay:
-            g = g + np.float32(self.weight_decay) * self.w_bak
+            g += np.float32(self.weight_decay) * self.w_bak
         w_now = None
         if self.rule != "asgd" and self.lambda0 != 0:
             w_now = self.weights.get(self.w_now)
@@ -290,7 +304,7 @@ class AsyncUpdater:
         if self.lr_rule == "staleness-aware":
             eta = lr / max(1, self.version.value() - v_pull)
         delta, self.meansq = dc_delta(g, self.w_bak, w_now, rule=self.rule, lr=eta, lambda0=self.lambda0,
-                                      meansq=self.meansq, decay=self.decay)
+                                      meansq=self.meansq, decay=self.decay, out=self.delta, scratch=self.scratch)
         v_push = self.weights.accumulate(delta, then=self._count_update)
         self.clock += 1
         self.last_staleness = v_push - v_pull
