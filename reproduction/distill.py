@@ -2,14 +2,17 @@
 
 Runs, per seed (all on one rank; digits is 1257 training images):
 
-  teacher          mlp-large (2 x 1200 ReLU, dropout 0.2: the paper's teacher shape), sync mode
-  student-alone    mlp-small (2 x 32 ReLU) trained on the labels
+  teacher          mlp-large (2 x 1200 ReLU, dropout 0.2: the paper's teacher shape), sync mode, 600 steps
+  student-alone    mlp-small (2 x 32 ReLU) trained on the labels, 1500 steps (as every student: long
+                   enough for the student alone to start overfitting, where the soft targets help most)
   distill-T{T}     mlp-small distilled from the teacher at temperature T (T sweep), weight a on the
                    soft term and 1 - a on the labels
   omit3-distill    the same at T = 20 with every "3" left out of the transfer set (HPCDISTILL_OMIT_CLASSES=3)
   omit3-labels     control: the same transfer set without 3s, labels only (a = 0: no teacher)
 
-Test errors are counted on the 360 test images (Hinton et al.'s table counts errors on MNIST's 10000).
+Test errors are counted on the 360 test images (Hinton et al.'s table counts errors on MNIST's 10000),
+and the test cross-entropy is computed on the same images (continuous, so less coarse than a gap of
+a few images).
 For the omitted class, accuracy on the test set's 3s is computed here from the saved student
 checkpoint, with and without the paper's bias correction: a constant added to the logit of class 3,
 chosen here on the validation set (Hinton et al. chose theirs to do well on the test set).
@@ -25,7 +28,8 @@ OMITTED = 3
 
 
 def sizes(quick: bool) -> dict:
-    return {"steps": 600, "batch": 32, "alpha": 0.9, "temperatures": [1, 2, 4, 8, 20], "omit_T": 20}
+    return {"steps": 600, "student_steps": 1500, "batch": 32, "alpha": 0.9, "temperatures": [1, 2, 4, 8, 20],
+            "omit_T": 20}
 
 
 def run(runner, seeds: list[int], quick: bool) -> dict:
@@ -37,6 +41,7 @@ def run(runner, seeds: list[int], quick: bool) -> dict:
         b = {**base, "HPCDISTILL_SEED": seed}
         teacher = runner.run(f"distill/teacher-s{seed}", 1, {**b, "HPCDISTILL_MODE": "sync", "HPCDISTILL_MODEL": "mlp-large"})
         runs[("teacher", seed)] = teacher
+        b = {**b, "HPCDISTILL_STEPS": z["student_steps"], "HPCDISTILL_CHECKPOINT_EVERY": z["student_steps"]}
         runs[("student-alone", seed)] = runner.run(f"distill/student-alone-s{seed}", 1,
                                                    {**b, "HPCDISTILL_MODE": "sync", "HPCDISTILL_MODEL": "mlp-small"})
         if not teacher.ok:
@@ -51,10 +56,13 @@ def run(runner, seeds: list[int], quick: bool) -> dict:
     return analyse(runs, seeds, quick)
 
 
-def _errors(run) -> int:
-    """Test errors of the run's (single) model on the digits test set, recomputed from its checkpoint."""
+def _test_stats(run) -> tuple[int, float]:
+    """Test errors and mean cross-entropy (nats) of the run's (single) model on the digits test set,
+    recomputed from its checkpoint."""
     logits, labels = predict(load_model(run.checkpoint()), DATA_DIR / "digits" / "test.h5")
-    return int((logits.argmax(-1) != labels).sum())
+    z = logits - logits.max(-1, keepdims=True)
+    nll = np.log(np.exp(z).sum(-1)) - z[np.arange(len(labels)), labels]
+    return int((logits.argmax(-1) != labels).sum()), float(nll.mean())
 
 
 def _omitted_class(run) -> dict:
@@ -84,16 +92,18 @@ def analyse(runs: dict, seeds: list[int], quick: bool) -> dict:
             res["commands"][name] = r.command
         if not r.ok:
             res["failed"].append(f"{r.name}: {r.error}")
-    errors = {k: _errors(r) for k, r in ok.items() if not k[0].startswith("omit3")}
+    stats = {k: _test_stats(r) for k, r in ok.items() if not k[0].startswith("omit3")}
+    errors = {k: e for k, (e, _) in stats.items()}
+    losses = {k: nll for k, (_, nll) in stats.items()}
     n_test = 360
 
-    def col(name):
-        return [errors.get((name, s)) for s in seeds]
+    def col(name, table=errors):
+        return [table.get((name, s)) for s in seeds]
 
-    def gap_closed(name):
+    def gap_closed(name, table=errors):
         out = []
         for s in seeds:
-            t, a, d = errors.get(("teacher", s)), errors.get(("student-alone", s)), errors.get((name, s))
+            t, a, d = table.get(("teacher", s)), table.get(("student-alone", s)), table.get((name, s))
             if None not in (t, a, d) and a != t:
                 out.append((a - d) / (a - t))
         return out
@@ -101,10 +111,13 @@ def analyse(runs: dict, seeds: list[int], quick: bool) -> dict:
     for name in ["teacher", "student-alone"] + [f"distill-T{T}" for T in z["temperatures"]]:
         row = {"name": name, "errors": fmt(col(name), 1), "error_pct": fmt([e / n_test if e is not None else None
                                                                             for e in col(name)], 2, 100),
-               "errors_mean": mean_std(col(name))[0], "errors_list": col(name)}
+               "errors_mean": mean_std(col(name))[0], "errors_list": col(name),
+               "loss": fmt(col(name, losses), 3), "loss_list": col(name, losses)}
         if name.startswith("distill"):
             row["gap_closed"] = fmt(gap_closed(name), 0, 100)
             row["gap_closed_mean"] = mean_std(gap_closed(name))[0]
+            row["loss_gap_closed"] = fmt(gap_closed(name, losses), 0, 100)
+            row["loss_gap_closed_list"] = gap_closed(name, losses)
         res["rows"].append(row)
     dsum = next((r.summary["distill"] for (n, _), r in ok.items() if n.startswith("distill-") and r.summary.get("distill")), {})
     teacher_params = dsum.get("teacher_parameters")
@@ -136,7 +149,7 @@ def plots(res: dict, img_dir, rel: str) -> list[tuple[str, str]]:
     ax.plot(temps, ys, "o-", label="distilled mlp-small")
     for name, style in (("teacher", "g--"), ("student-alone", "r--")):
         if rows.get(name, {}).get("errors_mean") is not None:
-            ax.axhline(rows[name]["errors_mean"], ls=style[1:], color=style[0], label=f"{name} ({res['sizes']['steps']} steps)")
+            ax.axhline(rows[name]["errors_mean"], ls=style[1:], color=style[0], label=f"{name} ({res['sizes']['steps'] if name == 'teacher' else res['sizes'].get('student_steps', res['sizes']['steps'])} steps)")
     ax.set_xscale("log")
     ax.set_xticks(temps, [str(t) for t in temps])
     ax.set(xlabel="temperature T", ylabel="test errors (of 360), mean over seeds",
