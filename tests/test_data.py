@@ -241,3 +241,21 @@ def test_missing_or_incomplete_dataset_says_what_to_run(tmp_path):
     (tmp_path / "digits" / "val.h5").write_bytes(b"not hdf5")
     with pytest.raises(DataError, match="cannot be read"):
         ShardReader(tmp_path / "digits" / "val.h5", batch_size=1, rank=0, size=1)
+
+
+def test_cli_prepare_says_whether_it_wrote_or_kept(tmp_path):
+    from hpcdistill.cli import main
+
+    def prepare_cli(*extra):
+        import contextlib
+        import io
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            assert main(["data", "prepare", "digits", "--data-dir", str(tmp_path), *extra]) == 0
+        return out.getvalue()
+
+    assert prepare_cli().startswith("wrote ")
+    mtime = (tmp_path / "digits" / "train.h5").stat().st_mtime_ns
+    assert prepare_cli().startswith("kept (valid")
+    assert (tmp_path / "digits" / "train.h5").stat().st_mtime_ns == mtime
+    assert prepare_cli("--force").startswith("wrote ")

@@ -21,6 +21,7 @@ Buffers are flat numpy views: one MPI call per host shard, never one per paramet
 from __future__ import annotations
 
 import time
+from contextlib import ExitStack, contextmanager
 
 import numpy as np
 
@@ -72,6 +73,17 @@ def in_turn(world, group: int, num_groups: int, make):
     return result
 
 
+@contextmanager
+def locked(win, host: int, kind=None):
+    """One passive-target access epoch on `host` (shared lock unless `kind` says otherwise): the
+    operations issued inside are complete, at the origin and the target, when it ends (Unlock)."""
+    win.Lock(host, MPI.LOCK_SHARED if kind is None else kind)
+    try:
+        yield win
+    finally:
+        win.Unlock(host)
+
+
 def _local_array(win, dtype, count: int) -> np.ndarray:
     """The calling rank's own window memory as a numpy array (its host shard)."""
     if count == 0:
@@ -100,9 +112,8 @@ class ShardedVector:
         count = mine[1] - mine[0]
         self.win = MPI.Win.Allocate(count * self.dtype.itemsize, self.dtype.itemsize, comm=comm)
         if count:
-            self.win.Lock(me, MPI.LOCK_EXCLUSIVE)
-            _local_array(self.win, self.dtype, count)[:] = 0
-            self.win.Unlock(me)
+            with locked(self.win, me, MPI.LOCK_EXCLUSIVE):
+                _local_array(self.win, self.dtype, count)[:] = 0
         comm.Barrier()
         self._multi = len(self.hosts) > 1
 
@@ -120,9 +131,8 @@ class ShardedVector:
         self._check(out)
         for host, lo, hi in self._targets():
             if hi > lo:
-                self.win.Lock(host, MPI.LOCK_SHARED)
-                self.win.Get([out[lo:hi], self.mpi_type], host)
-                self.win.Unlock(host)
+                with locked(self.win, host):
+                    self.win.Get([out[lo:hi], self.mpi_type], host)
         return out
 
     def accumulate(self, delta: np.ndarray, then=None):
@@ -134,29 +144,23 @@ class ShardedVector:
         targets and before the locks are released: counters updated there (version, clocks) are
         atomic with the update as far as `snapshot` is concerned. Returns what `then()` returns."""
         self._check(delta)
-        held = []
-        try:
+        with ExitStack() as held:
             for host, lo, hi in self._targets():
                 if hi <= lo:
                     continue
-                self.win.Lock(host, MPI.LOCK_SHARED)
-                held.append(host)
+                held.enter_context(locked(self.win, host))
                 self.win.Accumulate([delta[lo:hi], self.mpi_type], host, op=MPI.SUM)
                 if self._multi or then is not None:
                     self.win.Flush(host)
             return then() if then is not None else None
-        finally:
-            for host in held:
-                self.win.Unlock(host)
 
     def put(self, values: np.ndarray) -> None:
         """Overwrite the whole vector (exclusive locks; used to initialise or restore)."""
         self._check(values)
         for host, lo, hi in self._targets():
             if hi > lo:
-                self.win.Lock(host, MPI.LOCK_EXCLUSIVE)
-                self.win.Put([values[lo:hi], self.mpi_type], host)
-                self.win.Unlock(host)
+                with locked(self.win, host, MPI.LOCK_EXCLUSIVE):
+                    self.win.Put([values[lo:hi], self.mpi_type], host)
 
     def snapshot(self, out: np.ndarray, also=None):
         """A consistent copy: exclusive locks on every host in increasing rank order (each made
@@ -166,19 +170,14 @@ class ShardedVector:
         `accumulate(then=...)` maintains: they match the copy exactly). Returns `out`, or
         (`out`, what `also()` returns) when `also` is given."""
         self._check(out)
-        held = []
-        try:
+        with ExitStack() as held:
             for host, lo, hi in self._targets():
                 if hi <= lo:
                     continue
-                self.win.Lock(host, MPI.LOCK_EXCLUSIVE)
-                held.append(host)
+                held.enter_context(locked(self.win, host, MPI.LOCK_EXCLUSIVE))
                 self.win.Get([out[lo:hi], self.mpi_type], host)
                 self.win.Flush(host)
             extra = also() if also is not None else None
-        finally:
-            for host in held:
-                self.win.Unlock(host)
         return out if also is None else (out, extra)
 
     def free(self) -> None:
@@ -202,9 +201,8 @@ class AtomicInt64Array:
         here = comm.Get_rank() == self.host
         self.win = MPI.Win.Allocate(8 * self.length if here else 0, 8, comm=comm)
         if here:
-            self.win.Lock(self.host, MPI.LOCK_EXCLUSIVE)
-            _local_array(self.win, np.int64, self.length)[:] = 0
-            self.win.Unlock(self.host)
+            with locked(self.win, self.host, MPI.LOCK_EXCLUSIVE):
+                _local_array(self.win, np.int64, self.length)[:] = 0
         comm.Barrier()
         self._one = np.ones(1, np.int64)
         self._res = np.zeros(1, np.int64)
@@ -218,39 +216,35 @@ class AtomicInt64Array:
     def fetch_add(self, i: int, value: int = 1) -> int:
         """Atomically add `value` to slot i; return the value before the addition."""
         origin = np.array([value], np.int64)
-        self.win.Lock(self.host, MPI.LOCK_SHARED)
-        self.win.Fetch_and_op([origin, MPI.INT64_T], [self._res, MPI.INT64_T], self.host, self._slot(i), op=MPI.SUM)
-        self.win.Unlock(self.host)
+        with locked(self.win, self.host):
+            self.win.Fetch_and_op([origin, MPI.INT64_T], [self._res, MPI.INT64_T], self.host, self._slot(i),
+                                  op=MPI.SUM)
         return int(self._res[0])
 
     def read(self, i: int) -> int:
-        self.win.Lock(self.host, MPI.LOCK_SHARED)
-        self.win.Fetch_and_op([self._one, MPI.INT64_T], [self._res, MPI.INT64_T], self.host, self._slot(i),
-                              op=MPI.NO_OP)
-        self.win.Unlock(self.host)
+        with locked(self.win, self.host):
+            self.win.Fetch_and_op([self._one, MPI.INT64_T], [self._res, MPI.INT64_T], self.host, self._slot(i),
+                                  op=MPI.NO_OP)
         return int(self._res[0])
 
     def read_all(self) -> np.ndarray:
         out = np.empty(self.length, np.int64)
-        self.win.Lock(self.host, MPI.LOCK_SHARED)
-        self.win.Get_accumulate([self._dummy, MPI.INT64_T], [out, MPI.INT64_T], self.host, op=MPI.NO_OP)
-        self.win.Unlock(self.host)
+        with locked(self.win, self.host):
+            self.win.Get_accumulate([self._dummy, MPI.INT64_T], [out, MPI.INT64_T], self.host, op=MPI.NO_OP)
         return out
 
     def set(self, i: int, value: int) -> None:
         origin = np.array([value], np.int64)
-        self.win.Lock(self.host, MPI.LOCK_SHARED)
-        self.win.Accumulate([origin, MPI.INT64_T], self.host, target=(self._slot(i), 1, MPI.INT64_T),
-                            op=MPI.REPLACE)
-        self.win.Unlock(self.host)
+        with locked(self.win, self.host):
+            self.win.Accumulate([origin, MPI.INT64_T], self.host, target=(self._slot(i), 1, MPI.INT64_T),
+                                op=MPI.REPLACE)
 
     def write_all(self, values) -> None:
         values = np.ascontiguousarray(values, dtype=np.int64)
         if values.shape != (self.length,):
             raise ValueError(f"expected {self.length} values, got shape {values.shape}")
-        self.win.Lock(self.host, MPI.LOCK_EXCLUSIVE)
-        self.win.Put([values, MPI.INT64_T], self.host)
-        self.win.Unlock(self.host)
+        with locked(self.win, self.host, MPI.LOCK_EXCLUSIVE):
+            self.win.Put([values, MPI.INT64_T], self.host)
 
     def free(self) -> None:
         if self.win is not None:
