@@ -64,6 +64,8 @@ class PeerTeachers(_Teachers):
         self.published = self.loaded = self.rejected = 0
         self.staleness: list[int] = []
         self.publish_seconds = self.load_seconds = 0.0
+        self.dropped = self.waits = 0
+        self.wait_seconds = 0.0  # time held back by policy "wait" (not counted in load_seconds)
 
     @property
     def models(self) -> list[torch.nn.Module]:
@@ -76,9 +78,15 @@ class PeerTeachers(_Teachers):
             self.publish_seconds += time.perf_counter() - t
             self.published += 1
 
+    def due(self, step: int) -> bool:
+        """A teacher in use is beyond MAX_STALENESS at `step`: refresh now rather than at the next
+        exchange step (drop it, or wait for a fresher one). Every rank of the group holds the same
+        teachers, so all of them decide alike and the collective refresh stays matched."""
+        return any(step - peer_step > self.max_staleness for peer_step, _, _ in self.current.values())
+
     def refresh(self, step: int) -> None:
         """Leader looks for fresher peer checkpoints; the group receives them (collective in comm)."""
-        t = time.perf_counter()
+        t, waited = time.perf_counter(), self.wait_seconds
         for peer in self.peers:
             have = self.current.get(peer)
             found = None
@@ -86,7 +94,7 @@ class PeerTeachers(_Teachers):
                 found = self._find(peer, step, newer_than=have[0] if have else None)
             self._receive(peer, found)
         self._enforce_staleness(step)
-        self.load_seconds += time.perf_counter() - t
+        self.load_seconds += time.perf_counter() - t - (self.wait_seconds - waited)
 
     def _receive(self, peer: int, found) -> None:
         """Broadcast what the leader found (or nothing) and load it as the peer's teacher."""
@@ -115,10 +123,12 @@ class PeerTeachers(_Teachers):
             log.info("dropping teacher of group %d: %d steps stale > HPCDISTILL_MAX_STALENESS=%d",
                      peer, step - peer_step, self.max_staleness)
             del self.current[peer]
+            self.dropped += 1
 
     def _wait_for(self, peer: int, step: int) -> None:
         """Leader polls until the peer publishes something fresh enough or the timeout passes."""
-        deadline = time.monotonic() + self.wait_timeout
+        t = time.monotonic()
+        deadline = t + self.wait_timeout
         found = None
         if self.leader:
             while found is None and time.monotonic() < deadline:
@@ -126,6 +136,8 @@ class PeerTeachers(_Teachers):
                 if found is None:
                     time.sleep(0.2)
         self._receive(peer, found)
+        self.waits += 1
+        self.wait_seconds += time.monotonic() - t
 
     def teachers_for(self, step: int) -> list[torch.nn.Module]:
         """The teachers usable at `step`, recording their staleness."""
@@ -143,6 +155,7 @@ class PeerTeachers(_Teachers):
             "teachers_rejected": self.rejected,
             "teacher_staleness": {"mean": float(s.mean()), "max": int(s.max())},
             "publish_seconds": self.publish_seconds, "load_seconds": self.load_seconds,
+            "teachers_dropped": self.dropped, "stale_waits": self.waits, "stale_wait_seconds": self.wait_seconds,
         }
 
 

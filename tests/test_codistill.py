@@ -129,3 +129,31 @@ def test_label_smoothing_control_uses_no_peers(tmp_path, data_dir):
     assert not (run / "exchange").exists()
     recs = [m for m in metrics(run, "metrics-g0.jsonl") if "distill_loss" in m]
     assert all((m["distill_loss"] > 0) == (m["step"] > 20) for m in recs)
+
+
+def test_stale_policy_wait_keeps_the_teacher_and_drop_loses_it(tmp_path, data_dir):
+    """Group 1 runs 50x slower, and an old group-1 checkpoint (step 1) is already in the exchange
+    directory, so group 0 has a teacher from the end of burn-in (step 10) whichever group started
+    first. Group 0 then gets more than MAX_STALENESS=20 steps ahead of every group-1 file: "drop"
+    trains on without that teacher, "wait" holds group 0 back until group 1 has published a fresh
+    enough one, so the teacher never goes."""
+    arch = arch_for("mlp", kind="image", input_shape=(1, 8, 8), num_classes=10)
+    seen = {}
+    for policy in ("drop", "wait"):
+        run = tmp_path / policy
+        torch.manual_seed(0)
+        Exchange(run / "exchange", group=1, num_groups=2).publish(
+            1, build_model(arch), arch=arch, health={"train_loss": 2.0, "initial_loss": 2.3})
+        train(2, run, mode="codistill", groups=2, data_dir=data_dir, steps=60, exchange_every=10, burn_in=10,
+              max_staleness=20, stale_policy=policy, straggler_rank=1, straggler_delay=49, log_every=5, timeout=400)
+        s = summary(run)
+        assert all(g["steps"] == 60 for g in s["groups"])
+        seen[policy] = (s["codistill"], [m["teachers"] for m in metrics(run, "metrics-g0.jsonl")
+                                         if "teachers" in m and m["step"] > 10])
+    drop, drop_teachers = seen["drop"]
+    assert drop["stale_policy"] == "drop" and drop["teachers_dropped"] >= 1 and drop["stale_waits"] == 0
+    assert 0 in drop_teachers, drop_teachers  # steps trained without the stale peer
+    wait, wait_teachers = seen["wait"]
+    assert wait["stale_policy"] == "wait" and wait["stale_waits"] >= 1 and wait["stale_wait_seconds"] > 0
+    assert wait["teachers_dropped"] == 0 and wait_teachers and all(t == 1 for t in wait_teachers), wait_teachers
+    assert wait["teacher_staleness"]["max"] <= 20

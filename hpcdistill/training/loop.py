@@ -235,7 +235,8 @@ class Trainer:
             initial_loss = initial_loss if initial_loss is not None else task
             if topo.rank == s.straggler_rank:
                 time.sleep(s.straggler_delay * (time.perf_counter() - t_step))
-            if isinstance(self.teachers, PeerTeachers) and (step % s.exchange_every == 0 or step == s.burn_in):
+            if isinstance(self.teachers, PeerTeachers) and (step % s.exchange_every == 0 or step == s.burn_in
+                                                            or (step > s.burn_in and self.teachers.due(step))):
                 if step % s.exchange_every == 0:
                     self.teachers.publish(step, self.updater.current_model(self.model),
                                           {"train_loss": loss_ema, "initial_loss": initial_loss})
@@ -342,6 +343,10 @@ class Trainer:
                     "mean": float(np.mean([t["teacher_staleness"]["mean"] for t in peer])) if peer else 0.0,
                     "max": max((t["teacher_staleness"]["max"] for t in peer), default=0)},
                 "exchange_seconds": sum(t["publish_seconds"] + t["load_seconds"] for t in peer),
+                "stale_policy": s.stale_policy,
+                "teachers_dropped": sum(t["teachers_dropped"] for t in peer),
+                "stale_waits": sum(t["stale_waits"] for t in peer),
+                "stale_wait_seconds": sum(t["stale_wait_seconds"] for t in peer),
                 "ensemble_test_accuracy": ev.ensemble_accuracy(probs, labels[0]),
                 "churn": ev.mean_pairwise_churn(probs),
                 "churn_samples": int(len(labels[0])),
