@@ -119,3 +119,24 @@ def test_missing_dataset_fails_with_a_clear_message(tmp_path):
     proc = train(2, tmp_path / "run", check=False, data_dir=tmp_path / "nothing", steps=5)
     assert proc.returncode != 0
     assert "hpcdistill data prepare digits" in proc.stderr
+
+
+def test_divergence_stops_the_job_and_keeps_the_good_checkpoints(tmp_path, data_dir):
+    """20 good steps, then the run is resumed with a learning rate far too high: the weights overflow
+    at once. The job must stop at the next check with exit status 3 and a message that says what to
+    do, write no summary and no checkpoint holding NaN/inf, and keep the good checkpoints."""
+    run = tmp_path / "run"
+    common = dict(data_dir=data_dir, checkpoint_every=5, log_every=5, keep_checkpoints=100)
+    train(2, run, steps=20, **common)
+    (run / "summary.json").unlink()
+    proc = train(2, run, check=False, resume="auto", steps=100, lr=1e6, **common)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 3, out[-3000:]
+    assert "training diverged at step 25" in out and "Lower HPCDISTILL_LR" in out
+    assert "diverged: group 0 at step 25" in out
+    assert not (run / "summary.json").exists()
+    files = sorted((run / "checkpoints").glob("step-*.h5"))
+    assert [int(f.stem.split("-")[1]) for f in files] == [5, 10, 15, 20]
+    for f in files:
+        arrays, _ = read_h5(f)
+        assert all(np.isfinite(a).all() for k, a in arrays.items() if k.startswith("model/"))

@@ -107,6 +107,10 @@ def _write_config(run_dir: Path, settings, topo, arch: dict) -> None:
     write_json_atomic(old, config)
 
 
+def _finite(model: torch.nn.Module) -> bool:
+    return all(bool(torch.isfinite(p).all()) for p in model.parameters())
+
+
 def _polite_barrier(comm) -> None:
     """A barrier that sleeps instead of spinning, so ranks that are done leave the cores to the rest."""
     req = comm.Ibarrier()
@@ -193,7 +197,12 @@ class Trainer:
             rngs = rng[None]
         extra = self.updater.extra_state()
         if self.speaker:
-            arrays, meta = capture(self.updater.current_model(self.model), self.optimizer, step=step,
+            model = self.updater.current_model(self.model)
+            if not _finite(model):  # a diverged model must not push a good checkpoint out of the rotation
+                log.error("not writing the checkpoint of step %d: the weights hold NaN/inf (training diverged); "
+                          "the older checkpoints are kept", step)
+                return
+            arrays, meta = capture(model, self.optimizer, step=step,
                                    data_state=self.reader.state(), arch=self.arch,
                                    extra={"rng": rngs, **extra}, rng=False,
                                    meta={"mode": self.s.mode, "group": self.topo.group})
@@ -221,7 +230,7 @@ class Trainer:
             self.reader.load_state({"epoch": start // spe, "position": (start % spe) * s.batch_size})
         progress = Progress(s.steps, start)
         samples, loss_ema, initial_loss = 0, None, None
-        stopped = False
+        stopped = diverged = False
         while step < s.steps:
             t_step = time.perf_counter()
             x, y = self.reader.next_batch()
@@ -247,6 +256,15 @@ class Trainer:
             if step % s.eval_every == 0 and step < s.steps and (val := self._evaluate("val")):
                 self.metrics.write(step, val_loss=val["loss"], val_accuracy=val["accuracy"])
                 log.info("step %d validation loss %.4f accuracy %.4f", step, val["loss"], val["accuracy"])
+            # Sync: the group's ranks hold the same weights, so they all see a divergence at the same
+            # step and leave together; async workers go on (the lead's checkpoints skip NaN weights).
+            if (self.updater.synchronous and (step % s.log_every == 0 or step % s.checkpoint_every == 0)
+                    and not _finite(self.model)):
+                log.error("training diverged at step %d: the weights hold NaN/inf (last training loss %s). "
+                          "Stopping without a checkpoint; the older checkpoints are kept. Lower HPCDISTILL_LR "
+                          "(or raise HPCDISTILL_WARMUP_STEPS) and resume or start again.", step, parts["loss"])
+                diverged = True
+                break
             stopped = self.updater.agree(self.stop.requested)
             if stopped or step % s.checkpoint_every == 0 or step == s.steps:
                 if self.updater.synchronous or (self.speaker and step < s.steps):
@@ -261,6 +279,8 @@ class Trainer:
             self._save(step)  # async: after every worker is done, so the last checkpoint is the final model
         self.samples = samples * self.comm.Get_size()
         self.steps_done = step - start
+        if diverged:
+            return self._finish(None, stopped=False, diverged=step)
         if isinstance(self.teachers, PeerTeachers) and not stopped:
             self.teachers.publish(step, self.updater.current_model(self.model),
                                   {"train_loss": loss_ema or 0.0, "initial_loss": initial_loss or 0.0}, final=True)
@@ -301,20 +321,27 @@ class Trainer:
                 }
         return result
 
-    def _finish(self, result: dict | None, stopped: bool) -> int:
-        """Gather every group's result on world rank 0 and write summary.json (collective in world)."""
+    def _finish(self, result: dict | None, stopped: bool, diverged: int | None = None) -> int:
+        """Gather every group's result on world rank 0 and write summary.json (collective in world).
+        Returns the exit status, the same on every rank: 3 when a group diverged, else 0."""
         topo = self.topo
         self.updater.close()
         _polite_barrier(topo.world)
-        results = topo.world.gather((result, stopped), root=0)
+        results = topo.world.gather((result, stopped, diverged, topo.group), root=0)
+        code = 0
         if topo.rank == 0:
-            if any(st for _, st in results):
+            bad = sorted({(g, d) for _, _, d, g in results if d is not None})
+            if bad:
+                log.error("diverged: %s; no summary.json (the newest checkpoints before it are kept)",
+                          ", ".join(f"group {g} at step {d}" for g, d in bad))
+                code = 3
+            elif any(st for _, st, _, _ in results):
                 log.warning("run stopped before the end; no summary.json (resume to finish)")
             else:
                 write_json_atomic(self.run_dir / "summary.json",
-                                  self._summary([r for r, _ in results if r is not None]))
+                                  self._summary([r for r, _, _, _ in results if r is not None]))
                 log.info("summary written to %s", self.run_dir / "summary.json")
-        return 0
+        return topo.world.bcast(code, root=0)
 
     def _summary(self, groups: list[dict]) -> dict:
         s = self.s
