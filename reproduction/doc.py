@@ -223,7 +223,7 @@ def _dcasgd(res: dict) -> tuple[str, list]:
         out.append(_table(["rule", "test error %", "test loss", "diverged"],
                           [[k, v["error"], v["loss"], f"{v['diverged']}/{v['runs']}"] for k, v in res["lambda_sweep"].items()]))
     if res["staleness"]:
-        out.append("Staleness each async run saw (updates by other workers between a worker's pull and its push; "
+        out.append("\nStaleness each async run saw (updates by other workers between a worker's pull and its push; "
                    "summary.json `async.staleness`):\n")
         out.append(_table(["run", "mean", "p50", "p99", "max"],
                           [[k, v["mean"], v["p50"], v["p99"], v["max"]] for k, v in res["staleness"].items()]))
