@@ -64,9 +64,16 @@ def cmd_data(args) -> int:
 
 def cmd_train(args) -> int:
     settings = _settings_or_exit()
+    from hpcdistill import preflight
     from hpcdistill.data import DataError
     from hpcdistill.models import ModelError
     from hpcdistill.teachers import TeacherError
+
+    try:
+        preflight.check(settings)
+    except (ConfigError, DataError, ModelError) as exc:  # before MPI: nothing to abort
+        print(f"hpcdistill: {exc}", file=sys.stderr)
+        return 2
     from hpcdistill.training.loop import train
 
     try:

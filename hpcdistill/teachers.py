@@ -171,16 +171,32 @@ def resolve_teacher_files(paths) -> list[Path]:
             if not found:
                 raise TeacherError(f"HPCDISTILL_TEACHERS: no valid checkpoint under {ckdir}; "
                                    "point at a finished run directory or at .h5 files")
+            if not (p / "summary.json").exists():
+                log.warning("HPCDISTILL_TEACHERS: %s has no summary.json (unfinished or stopped); using its newest "
+                            "checkpoints: %s", p, ", ".join(f.name for f in found))
             files.extend(found)
         else:
             files.append(p)
     return files
 
 
+def _check_fits(path, arch: dict, student: dict | None) -> None:
+    """A teacher must take the student's inputs and predict the same classes."""
+    if student is None:
+        return
+    def norm(v):
+        return list(v) if isinstance(v, (list, tuple)) else v
+
+    for key in ("input_shape", "num_classes"):
+        if norm(arch.get(key)) != norm(student.get(key)):
+            raise TeacherError(f"{path}: the teacher was trained for {key} {arch.get(key)}, this dataset has "
+                               f"{student.get(key)}; distill on the dataset the teacher was trained on")
+
+
 class FixedTeachers(_Teachers):
     """Distillation teachers: read and verified by the leader, broadcast to every rank of `comm`."""
 
-    def __init__(self, paths, *, comm, device):
+    def __init__(self, paths, *, comm, device, student_arch: dict | None = None):
         self.files, error, trees = [], None, []
         if comm.Get_rank() == 0:
             try:
@@ -189,6 +205,7 @@ class FixedTeachers(_Teachers):
                     arrays, meta = read_h5(f)
                     if "arch" not in meta:
                         raise TeacherError(f"{f}: not a model checkpoint of hpcdistill (no architecture record)")
+                    _check_fits(f, meta["arch"], student_arch)
                     trees.append((arrays, meta))
             except (CheckpointError, TeacherError) as exc:
                 error = f"HPCDISTILL_TEACHERS: teacher refused: {exc}"

@@ -35,6 +35,8 @@ DRIVER = textwrap.dedent('''
     out = sys.argv[1]
     updates = int(os.environ["T_UPDATES"])
     slow = float(os.environ.get("T_SLOW", "0"))         # the last worker sleeps this long per update
+    compute = float(os.environ.get("T_COMPUTE", "0"))   # every worker: seconds of "gradient work"
+                                                        # between its pull and its push
     stop_at = int(os.environ.get("T_STOP_AT", "-1"))    # worker 1 raises the stop flag after this update
     integer = os.environ.get("T_INTEGER", "1") == "1"
     lr = float(os.environ.get("T_LR", "1.0"))
@@ -65,6 +67,8 @@ DRIVER = textwrap.dedent('''
                 c = rng.normal(size=w0.size).astype(np.float32)
             c = torch.from_numpy(c)
             def loss_fn():
+                if compute:  # others push meanwhile: staleness that does not hang on the scheduler
+                    time.sleep(compute)
                 flat = torch.cat([p.reshape(-1) for p in model.parameters()])
                 return (flat * c).sum(), {"loss": 0.0}
             if slow and me == upd.num_workers - 1:
@@ -233,7 +237,8 @@ def test_no_lost_update_consistent_snapshots_and_exact_resume(tmp_path):
     - resuming from the snapshot taken after the lead's 75th update (new windows, each worker from its
       own clock) ends on exactly the weights of an uninterrupted run: no update lost or applied twice."""
     n = 150
-    traces, infos = drive(tmp_path, 5, T_UPDATES=n, T_SNAP_EVERY=15, T_RESUME_AT=75, HPCDISTILL_ASYNC_RULE="asgd")
+    traces, infos = drive(tmp_path, 5, T_UPDATES=n, T_SNAP_EVERY=15, T_RESUME_AT=75, T_COMPUTE=0.001,
+                          HPCDISTILL_ASYNC_RULE="asgd")
     assert len(traces) == 4
     lead = traces[0]
     w0 = lead["w0"].astype(np.float64)
@@ -299,7 +304,7 @@ def test_dc_formula_ssp_bound_and_stop_flag_under_mpi(tmp_path):
     s, stop_at, lr = 2, 40, 0.05
     lam = {"dcasgd-c": 0.5, "dcasgd-a": 2.0}
     per_worker = ["dcasgd-c", "dcasgd-c", "dcasgd-a", "dcasgd-a"]
-    traces, infos = drive(tmp_path, 5, T_UPDATES=400, T_SLOW=0.01, T_STOP_AT=stop_at, T_INTEGER=0, T_LR=lr,
+    traces, infos = drive(tmp_path, 5, T_UPDATES=400, T_SLOW=0.01, T_COMPUTE=0.002, T_STOP_AT=stop_at, T_INTEGER=0, T_LR=lr,
                           T_IN=16, T_RULES=",".join(f"{r}:{lam[r]}" for r in per_worker),
                           HPCDISTILL_ASYNC_RULE="dcasgd-a", HPCDISTILL_STALENESS_BOUND=s)
     assert len(traces) == 4
@@ -400,6 +405,13 @@ def test_codistill_with_async_groups(tmp_path, digits):
     summary = json.loads((run / "summary.json").read_text())
     groups = summary["async"]["groups"]
     assert len(groups) == 2 and all(g["workers"] == 2 and g["updates"] == 240 for g in groups)
+    total = summary["async"]  # the interface's fields, over both groups
+    assert total["rule"] == "dcasgd-a" and total["workers"] == 4 and total["updates"] == 480
+    counts = np.add(*[np.pad(g["staleness_counts"], (0, 64 - len(g["staleness_counts"]))) for g in groups])
+    assert list(np.trim_zeros(counts, "b")) == total["staleness_counts"] and sum(counts) == 480
+    values = np.repeat(np.arange(len(counts)), counts)
+    assert total["staleness"] == {"mean": float(values.mean()), "p50": float(np.percentile(values, 50)),
+                                  "p99": float(np.percentile(values, 99)), "max": int(values.max())}
     assert [g["group"] for g in summary["groups"]] == [0, 1]
     assert summary["codistill"]["exchanges_published"] >= 2
     assert all(g["test_accuracy"] > 0.5 for g in summary["groups"])

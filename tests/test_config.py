@@ -55,7 +55,7 @@ BAD = {
 }
 
 # Settings whose every non-empty value is syntactically valid (paths, names) are covered elsewhere:
-# a missing dataset or model fails at start with its own error (see test_sync / test_models).
+# they are checked against the filesystem before MPI starts (the last test of this file).
 FREE_FORM = {"DATASET", "DATA_DIR", "RUN_DIR", "MODEL", "EXCHANGE_DIR", "TEACHERS"}
 
 
@@ -146,3 +146,26 @@ def test_train_with_bad_setting_fails_before_mpi():
     proc = subprocess.run([HPCDISTILL, "train"], env=clean_env(HPCDISTILL_BATCH_SIZE="-1"), capture_output=True,
                           text=True, timeout=60)
     assert proc.returncode == 2 and "HPCDISTILL_BATCH_SIZE='-1'" in proc.stderr
+
+
+@pytest.mark.parametrize("case", ["model", "dataset", "run_dir_file", "exchange_dir", "teachers"])
+def test_free_form_settings_are_checked_against_the_filesystem_before_mpi(tmp_path, data_dir, case):
+    """The path and name settings are valid as strings; `train` checks them against the files before
+    MPI starts: exit 2 with the variable and a remedy (run without mpirun: no MPI is started at all)."""
+    blocked = tmp_path / "a-file"
+    blocked.write_text("x")
+    env = {"HPCDISTILL_DATA_DIR": data_dir, "HPCDISTILL_RUN_DIR": tmp_path / "run"}
+    env.update({
+        "model": {"HPCDISTILL_MODEL": "charlm"},  # a sequence model for an image dataset
+        "dataset": {"HPCDISTILL_DATASET": "mnist"},
+        "run_dir_file": {"HPCDISTILL_RUN_DIR": blocked / "run"},
+        "exchange_dir": {"HPCDISTILL_MODE": "codistill", "HPCDISTILL_EXCHANGE_DIR": blocked},
+        "teachers": {"HPCDISTILL_MODE": "distill", "HPCDISTILL_TEACHERS": tmp_path / "nowhere.h5"},
+    }[case])
+    proc = subprocess.run([HPCDISTILL, "train"], env=clean_env(**env), capture_output=True, text=True, timeout=60)
+    want = {"model": "charlm", "dataset": "hpcdistill data import mnist", "run_dir_file": "HPCDISTILL_RUN_DIR",
+            "exchange_dir": "HPCDISTILL_EXCHANGE_DIR",
+            "teachers": "HPCDISTILL_TEACHERS"}[case]
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert want in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "run").exists()

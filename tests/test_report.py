@@ -39,8 +39,8 @@ def cli_report(*args):
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """Three real runs on digits: sync on 2 ranks, codistill with 2 groups of 1 rank, and the
-    distillation of the codistilled pair into mlp-small on 1 rank."""
+    """Four real runs on digits: sync on 2 ranks, codistill with 2 groups of 1 rank, the
+    distillation of the codistilled pair into mlp-small on 1 rank, and mlp-small trained alone."""
     if MPIRUN is None:
         pytest.skip("mpirun not found")
     root = tmp_path_factory.mktemp("report")
@@ -53,6 +53,7 @@ def runs(tmp_path_factory):
                      HPCDISTILL_BURN_IN=10, HPCDISTILL_RUN_DIR=root / "codistill", **common))
     train(1, mpi_env(HPCDISTILL_MODE="distill", HPCDISTILL_TEACHERS=root / "codistill", HPCDISTILL_MODEL="mlp-small",
                      HPCDISTILL_RUN_DIR=root / "distill", **common))
+    train(1, mpi_env(HPCDISTILL_MODE="sync", HPCDISTILL_MODEL="mlp-small", HPCDISTILL_RUN_DIR=root / "alone", **common))
     return root
 
 
@@ -139,8 +140,19 @@ def test_default_out_dir_and_distill_section(runs, capsys):
     cells = row(section(text, "Distillation"), "distill")
     assert cells[1] == "2" and cells[2] == f"{d['distill']['teacher_test_accuracy']:.4f}"
     assert cells[4] == f"{d['groups'][0]['test_accuracy']:.4f}"
-    assert cells[5] == f"{d['distill']['student_parameters']:,}"
+    assert cells[5] == "–" and cells[6] == "–"  # no student-alone run among those reported
+    assert cells[7] == f"{d['distill']['student_parameters']:,}"
     assert row(section(text, "Runs"), "distill")[1:3] == ["distill", "mlp-small"]
+
+
+@needs_mpi
+def test_distill_section_says_how_much_of_the_gap_closed(runs, capsys):
+    assert rp.report([runs / "codistill", runs / "distill", runs / "alone", runs / "sync"], out=runs / "gap") == 0
+    d, alone = summary(runs / "distill"), summary(runs / "alone")
+    cells = row(section(capsys.readouterr().out, "Distillation"), "distill")
+    t, st, a = d["distill"]["teacher_test_accuracy"], d["groups"][0]["test_accuracy"], alone["groups"][0]["test_accuracy"]
+    assert cells[5] == f"{a:.4f}"
+    assert cells[6] == (f"{(st - a) / (t - a) * 100:.0f} % (alone)" if t != a else "–")
 
 
 @needs_mpi

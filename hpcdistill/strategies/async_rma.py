@@ -86,6 +86,35 @@ def _update_meansq(gg: np.ndarray, meansq: np.ndarray | None, decay: float) -> n
     return meansq
 
 
+def staleness_stats(counts) -> dict:
+    """mean, p50, p99 and max of the staleness values whose histogram is `counts` (counts[k]: updates
+    that saw staleness k); percentiles as numpy's default (linear) on the values themselves."""
+    counts = np.asarray(counts, np.int64)
+    values = np.repeat(np.arange(counts.size), counts) if counts.sum() else np.zeros(1, np.int64)
+    return {"mean": float(values.mean()), "p50": float(np.percentile(values, 50)),
+            "p99": float(np.percentile(values, 99)), "max": int(values.max())}
+
+
+def pooled_summary(parts: list[dict]) -> dict:
+    """One `async` section over several groups' async parameter stores (codistill with
+    GROUP_MODE=async): totals, staleness over every update of every group; per group under "groups"."""
+    counts = np.zeros(max(len(p["staleness_counts"]) for p in parts), np.int64)
+    for p in parts:
+        counts[:len(p["staleness_counts"])] += p["staleness_counts"]
+    first = parts[0]
+    return {
+        "rule": first["rule"], "workers": sum(p["workers"] for p in parts),
+        "updates": sum(p["updates"] for p in parts), "updates_this_run": sum(p["updates_this_run"] for p in parts),
+        "staleness": staleness_stats(counts), "staleness_counts": counts.tolist(),
+        "updates_per_second": sum(p["updates_per_second"] for p in parts),
+        **{k: first[k] for k in ("lambda0", "meansq_decay", "staleness_bound", "lr_rule", "momentum_applied")},
+        "ssp": {"max_lead": max(p["ssp"]["max_lead"] for p in parts),
+                "waits": sum(p["ssp"]["waits"] for p in parts),
+                "wait_seconds": sum(p["ssp"]["wait_seconds"] for p in parts)},
+        "groups": parts,
+    }
+
+
 def flatten_parameters(model: torch.nn.Module) -> tuple[torch.Tensor, list[torch.nn.Parameter]]:
     """Make every parameter of `model` a view into one contiguous float32 buffer (values kept);
     loading weights is then one copy into the buffer. Returns (buffer, parameters)."""
@@ -401,14 +430,13 @@ class AsyncUpdater:
         if self.index != 0:
             return {}
         st = np.concatenate([e["staleness"] for e in everyone]) if everyone else np.zeros(0, np.int64)
-        st = st if st.size else np.zeros(1, np.int64)
+        counts = np.bincount(st) if st.size else np.zeros(1, np.int64)
         wall = max(1e-9, (self.t_end or time.perf_counter()) - (self.t_begin or 0.0))
         final = self.final_version if self.final_version is not None else self.last_version
         return {"async": {
             "rule": self.rule, "workers": self.num_workers, "hosts": list(self.hosts),
             "updates": int(final), "updates_this_run": int(final - self.version0),
-            "staleness": {"mean": float(st.mean()), "p50": float(np.percentile(st, 50)),
-                          "p99": float(np.percentile(st, 99)), "max": int(st.max())},
+            "staleness": staleness_stats(counts), "staleness_counts": counts.tolist(),
             "updates_per_second": float((final - self.version0) / wall),
             "lambda0": self.lambda0, "meansq_decay": self.decay if self.rule == "dcasgd-a" else None,
             "staleness_bound": self.bound, "lr_rule": self.lr_rule,

@@ -155,7 +155,7 @@ class Trainer:
                 num_groups=topo.num_groups, arch=self.arch, device=topo.device,
                 max_staleness=s.max_staleness, policy=s.stale_policy)
         elif s.mode == "distill":
-            self.teachers = FixedTeachers(s.teacher_paths, comm=self.comm, device=topo.device)
+            self.teachers = FixedTeachers(s.teacher_paths, comm=self.comm, device=topo.device, student_arch=self.arch)
         self.objective = Objective(s, self.info.num_classes, self.teachers)
         self.reader = ShardReader(
             self.info.path / "train.h5", batch_size=s.batch_size, rank=self.comm.Get_rank(),
@@ -379,7 +379,9 @@ class Trainer:
                 "churn_samples": int(len(labels[0])),
             }
         if any(async_parts):
-            summary["async"] = async_parts[0] if len(async_parts) == 1 else {"groups": async_parts}
+            from hpcdistill.strategies.async_rma import pooled_summary  # imports the RMA layer: async only
+
+            summary["async"] = async_parts[0] if len(async_parts) == 1 else pooled_summary(async_parts)
         if distill[0]:
             summary["distill"] = distill[0]
         return summary
