@@ -100,7 +100,7 @@ def main() -> int:
         vec.free()
     if rank == 1:
         print(f"# RMA pull/push vs local memory: hpcdistill ShardedVector (MPI.Win.Allocate, Lock/Get|Accumulate/Unlock), "
-              f"{MPI.Get_library_version().splitlines()[0].strip().strip(chr(0))}")
+              f"{MPI.Get_library_version().replace(chr(0), '').splitlines()[0].strip()}")
         print(f"# {machine(size)}")
         print(f"# 1 host (rank 0), {size - 1} worker(s); float32; median of {args.reps} interleaved repetitions "
               f"(per-worker medians, then the median over workers); {time.perf_counter() - t_all:.0f} s")

@@ -24,7 +24,7 @@ class Check:
 
 def _mpi_checks(MPI) -> list[Check]:
     lib = Check("MPI library")
-    lib.detail = MPI.Get_library_version().splitlines()[0].strip()
+    lib.detail = MPI.Get_library_version().replace("\x00", "").splitlines()[0].strip()
     level = Check("MPI thread level")
     names = {MPI.THREAD_SINGLE: "SINGLE", MPI.THREAD_FUNNELED: "FUNNELED",
              MPI.THREAD_SERIALIZED: "SERIALIZED", MPI.THREAD_MULTIPLE: "MULTIPLE"}
