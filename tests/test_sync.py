@@ -140,3 +140,24 @@ def test_divergence_stops_the_job_and_keeps_the_good_checkpoints(tmp_path, data_
     for f in files:
         arrays, _ = read_h5(f)
         assert all(np.isfinite(a).all() for k, a in arrays.items() if k.startswith("model/"))
+
+
+def test_damaged_dataset_is_refused_before_training(tmp_path):
+    """One rank re-hashes the files, every rank stops with its message (and the remedy)."""
+    import h5py
+
+    from hpcdistill.data import prepare
+
+    prepare("digits", tmp_path / "data")
+    path = tmp_path / "data" / "digits" / "train.h5"
+    with h5py.File(path, "r") as f:
+        offset = f["x"].id.get_chunk_info(0).byte_offset
+    with open(path, "r+b") as fh:  # flip a byte inside x's stored data, behind HDF5's back
+        fh.seek(offset + 100)
+        byte = fh.read(1)[0]
+        fh.seek(offset + 100)
+        fh.write(bytes([byte ^ 0xFF]))
+    proc = train(2, tmp_path / "run", check=False, data_dir=tmp_path / "data", steps=5)
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "train.h5 is damaged" in proc.stderr and "hpcdistill data prepare digits" in proc.stderr
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()

@@ -25,7 +25,7 @@ import torch
 from hpcdistill.checkpoints import CheckpointManager, capture, restore
 from hpcdistill.comm.broadcast import bcast_tree
 from hpcdistill.comm.topology import build_topology
-from hpcdistill.data import ShardReader, dataset_info
+from hpcdistill.data import DataError, ShardReader, dataset_info
 from hpcdistill.log import Progress, get_logger, setup_logging
 from hpcdistill.metrics import MetricsWriter, checkpoint_dir, metrics_path, write_json_atomic
 from hpcdistill.models import arch_for, build_model, count_parameters, default_model
@@ -107,6 +107,21 @@ def _write_config(run_dir: Path, settings, topo, arch: dict) -> None:
     write_json_atomic(old, config)
 
 
+def _dataset_checked_once(settings, world):
+    """World rank 0 re-hashes the dataset's files (a damaged file is caught before training); the
+    other ranks read the attributes only, so the shared filesystem serves the files once, not N times."""
+    error = None
+    if world.Get_rank() == 0:
+        try:
+            dataset_info(settings.data_dir, settings.dataset)
+        except DataError as exc:
+            error = str(exc)
+    error = world.bcast(error, root=0)
+    if error:
+        raise DataError(error)
+    return dataset_info(settings.data_dir, settings.dataset, verify=False)
+
+
 def _finite(model: torch.nn.Module) -> bool:
     return all(bool(torch.isfinite(p).all()) for p in model.parameters())
 
@@ -129,7 +144,7 @@ class Trainer:
         s.check_world(topo.size)
         setup_logging(topo.tag(), speaker=topo.is_leader)
         self.run_dir = resolve_run_dir(s, topo.world)
-        self.info = dataset_info(s.data_dir, s.dataset)
+        self.info = _dataset_checked_once(s, topo.world)
         model_name = s.model or default_model(self.info.kind)
         self.arch = arch_for(model_name, kind=self.info.kind, input_shape=self.info.input_shape,
                              num_classes=self.info.num_classes)
