@@ -127,6 +127,13 @@ class Settings(BaseSettings):
                 raise ValueError("HPCDISTILL_TEACHERS: distill mode needs teacher checkpoints (comma-separated .h5 files or codistill run dirs)")
             if self.distill_weight > 1:
                 raise ValueError("HPCDISTILL_DISTILL_WEIGHT: in distill mode alpha weighs soft against hard targets and must be <= 1")
+        if (self.mode == "codistill" and self.codistill_target == "peers" and self.stale_policy == "wait"
+                and self.max_staleness < self.exchange_every):
+            raise ValueError(
+                f"HPCDISTILL_MAX_STALENESS={self.max_staleness} is below HPCDISTILL_EXCHANGE_EVERY="
+                f"{self.exchange_every} with HPCDISTILL_STALE_POLICY=wait: groups would wait for checkpoints "
+                "their peers publish only later, while the peers wait for theirs; set MAX_STALENESS to at "
+                "least EXCHANGE_EVERY or use STALE_POLICY=drop")
         if self.groups is not None and self.groups > 1 and self.mode != "codistill":
             raise ValueError(f"HPCDISTILL_GROUPS={self.groups}: several groups exist only in codistill mode")
         return self

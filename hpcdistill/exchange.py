@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .atomic import atomic_path
 from .checkpoints import CheckpointError, CheckpointManager, capture, numbered_files, read_h5
 
 
@@ -44,6 +45,9 @@ def _non_finite_key(arrays: dict) -> str | None:
         if bad:
             return key
     return None
+
+
+GONE = "gone.json"  # in a group's directory: that group stopped early and publishes nothing more
 
 
 class Exchange:
@@ -72,10 +76,21 @@ class Exchange:
         arrays, meta = capture(model, step=step, arch=arch, rng=False,
                                meta={"group": self.group, "time": time.time()})
         meta["health"] = {**health, "finite": _non_finite_key(arrays) is None}
+        (self._group_dir(self.group) / GONE).unlink(missing_ok=True)  # publishing again (resumed)
         return self._own.save(step, arrays, meta)
 
     def peers(self) -> list[int]:
         return [g for g in range(self.num_groups) if g != self.group]
+
+    def mark_gone(self, reason: str) -> None:
+        """Tell the peers this group will publish nothing more (it diverged), so that none waits for it."""
+        path = self._group_dir(self.group) / GONE
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(path) as tmp:
+            tmp.write_text(json.dumps({"group": self.group, "reason": reason, "time": time.time()}))
+
+    def gone(self, peer: int) -> bool:
+        return (self._group_dir(peer) / GONE).exists()
 
     def _problem(self, peer: int, step: int, arrays: dict, meta: dict, expect_arch: dict) -> str | None:
         """Why a verified file must not be used as a teacher, or None."""

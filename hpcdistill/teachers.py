@@ -50,7 +50,7 @@ class PeerTeachers(_Teachers):
     A peer further than `max_staleness` steps behind is dropped from the loss (policy "drop", the
     default: a very stale teacher slows training down, Anil et al. 2018, and waiting would couple the
     groups that codistillation keeps independent), or waited for (policy "wait", bounded by
-    `wait_timeout` seconds and never for a peer that has finished).
+    `wait_timeout` seconds and never for a peer that has finished or left).
     """
 
     def __init__(self, exchange_dir: Path, *, comm, group: int, num_groups: int, arch: dict, device,
@@ -77,6 +77,11 @@ class PeerTeachers(_Teachers):
             self.exchange.publish(step, model, arch=self.arch, health={**health, "final": final})
             self.publish_seconds += time.perf_counter() - t
             self.published += 1
+
+    def leave(self, reason: str) -> None:
+        """This group stops publishing (it diverged): its peers stop waiting for it."""
+        if self.leader:
+            self.exchange.mark_gone(reason)
 
     def due(self, step: int) -> bool:
         """A teacher in use is beyond MAX_STALENESS at `step`: refresh now rather than at the next
@@ -134,6 +139,8 @@ class PeerTeachers(_Teachers):
             while found is None and time.monotonic() < deadline:
                 found = self._find(peer, step, newer_than=self.current[peer][0])
                 if found is None:
+                    if self.exchange.gone(peer):  # it stopped early (diverged): nothing is coming
+                        break
                     time.sleep(0.2)
         self._receive(peer, found)
         self.waits += 1

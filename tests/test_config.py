@@ -118,6 +118,16 @@ def test_cross_checks(env):
     env.setenv("HPCDISTILL_PARAM_HOSTS", "7")
     with pytest.raises(ConfigError, match=r"rank\(s\) \[7\] do not exist"):
         load_settings()
+    env.delenv("HPCDISTILL_PARAM_HOSTS")
+    env.setenv("HPCDISTILL_MODE", "codistill")
+    env.setenv("HPCDISTILL_EXCHANGE_EVERY", "50")
+    env.setenv("HPCDISTILL_MAX_STALENESS", "20")
+    load_settings()  # drop (the default) never waits: any bound is fine
+    env.setenv("HPCDISTILL_STALE_POLICY", "wait")  # waiting for a file the peer publishes only later
+    with pytest.raises(ConfigError, match="MAX_STALENESS=20 is below HPCDISTILL_EXCHANGE_EVERY=50"):
+        load_settings()
+    env.setenv("HPCDISTILL_MAX_STALENESS", "50")
+    load_settings()
 
 
 def test_unknown_variable_is_refused_with_a_suggestion(env):

@@ -11,6 +11,7 @@ from torch import nn
 
 from hpcdistill.checkpoints import model_arrays
 from hpcdistill.exchange import Exchange
+from hpcdistill.models import arch_for, build_model
 
 ARCH = {"name": "mlp", "sizes": [16, 16]}
 HEALTHY = {"train_loss": 1.0, "initial_loss": 2.3}
@@ -172,3 +173,29 @@ def test_concurrent_writer_never_exposes_a_partial_file(tmp_path):
     assert rejections == [] and inconsistent == []
     assert len(steps) > 20 and len(set(steps)) > 10, (len(steps), len(set(steps)))
     assert steps == sorted(steps)  # never goes back to an older teacher
+
+
+def test_a_group_that_left_is_not_waited_for(tmp_path):
+    """Policy "wait" polls for a fresher peer file; a peer that diverged marks itself gone, and the
+    waiting group drops it at once instead of after the timeout. Publishing again clears the mark."""
+    from hpcdistill.comm.topology import init_mpi
+    from hpcdistill.teachers import PeerTeachers
+
+    MPI = init_mpi()
+    arch = arch_for("mlp", kind="image", input_shape=(1, 8, 8), num_classes=10)
+    model = build_model(arch)
+    health = {"train_loss": 1.0, "initial_loss": 2.3}
+    Exchange(tmp_path, group=1, num_groups=2).publish(10, model, arch=arch, health=health)
+    me = PeerTeachers(tmp_path, comm=MPI.COMM_SELF, group=0, num_groups=2, arch=arch, device="cpu",
+                      max_staleness=20, policy="wait", wait_timeout=30)
+    me.refresh(10)
+    assert me.models and me.current[1][0] == 10
+    peer = PeerTeachers(tmp_path, comm=MPI.COMM_SELF, group=1, num_groups=2, arch=arch, device="cpu",
+                        max_staleness=20)
+    peer.leave("diverged at step 12")
+    assert Exchange(tmp_path, group=0, num_groups=2).gone(1)
+    t = time.monotonic()
+    me.refresh(40)  # 30 steps stale: wait, but the peer has left
+    assert time.monotonic() - t < 5 and not me.models and me.dropped == 1 and me.waits == 1
+    Exchange(tmp_path, group=1, num_groups=2).publish(50, model, arch=arch, health=health)
+    assert not Exchange(tmp_path, group=0, num_groups=2).gone(1)

@@ -172,8 +172,10 @@ class AsyncUpdater:
         self.bound = settings.staleness_bound
         self.weight_decay = float(getattr(settings, "weight_decay", 0.0) or 0.0)
         # Codistill with peer teachers: the loop's teacher refresh is collective in `comm` at every
-        # multiple of exchange_every, so workers must leave the loop at the same step: the stop flag is
-        # then agreed on (allreduce) at those steps only, a point every worker passes anyway.
+        # multiple of exchange_every, at the end of burn-in and at any step where a teacher goes
+        # stale (every worker holds the same teachers, so all pick the same steps), so workers must
+        # leave the loop at the same step: the stop flag is then agreed on (allreduce) at multiples of
+        # exchange_every only, a point every worker passes anyway.
         peers = settings.mode == "codistill" and getattr(settings, "codistill_target", "peers") == "peers"
         self.stop_every = int(settings.exchange_every) if peers else None
 
@@ -237,7 +239,7 @@ class AsyncUpdater:
                             "step %d", clocks.size, W, step)
             clocks = np.full(W, int(step), np.int64)
         elif self.stop_every is not None and np.any(clocks != step):
-            # Codistill: the teacher refreshes are collective at fixed steps, so every worker must pass
+            # Codistill: the teacher refreshes are collective at given steps, so every worker must pass
             # the same steps from here on: all resume at the checkpoint's step (a few updates of the
             # workers that were ahead or behind are skipped or done again; the version goes on).
             clocks = np.full(W, int(step), np.int64)

@@ -271,17 +271,20 @@ class Trainer:
             if step % s.eval_every == 0 and step < s.steps and (val := self._evaluate("val")):
                 self.metrics.write(step, val_loss=val["loss"], val_accuracy=val["accuracy"])
                 log.info("step %d validation loss %.4f accuracy %.4f", step, val["loss"], val["accuracy"])
-            # Sync: the group's ranks hold the same weights, so they all see a divergence at the same
-            # step and leave together; async workers go on (the lead's checkpoints skip NaN weights).
-            if (self.updater.synchronous and (step % s.log_every == 0 or step % s.checkpoint_every == 0)
-                    and not _finite(self.model)):
+            stopped = self.updater.agree(self.stop.requested)
+            saving = stopped or step % s.checkpoint_every == 0 or step == s.steps
+            # Sync: the group's ranks hold the same weights and agree on `stopped`, so they all see a
+            # divergence at the same step and leave together; async workers go on (the lead's
+            # checkpoints skip NaN weights).
+            if self.updater.synchronous and (saving or step % s.log_every == 0) and not _finite(self.model):
                 log.error("training diverged at step %d: the weights hold NaN/inf (last training loss %s). "
                           "Stopping without a checkpoint; the older checkpoints are kept. Lower HPCDISTILL_LR "
                           "(or raise HPCDISTILL_WARMUP_STEPS) and resume or start again.", step, parts["loss"])
+                if isinstance(self.teachers, PeerTeachers):
+                    self.teachers.leave(f"diverged at step {step}")
                 diverged = True
                 break
-            stopped = self.updater.agree(self.stop.requested)
-            if stopped or step % s.checkpoint_every == 0 or step == s.steps:
+            if saving:
                 if self.updater.synchronous or (self.speaker and step < s.steps):
                     self._save(step)
             if stopped:
