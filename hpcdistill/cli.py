@@ -38,20 +38,15 @@ def cmd_config(args) -> int:
 
 
 def cmd_data(args) -> int:
-    from hpcdistill.data import DataError, dataset_info, import_arrays, prepare
+    from hpcdistill.data import DataError, import_arrays, prepare
 
     settings = _settings_or_exit()
     data_dir = Path(args.data_dir) if args.data_dir else settings.data_dir
     verb = "wrote"
     try:
         if args.action == "prepare":
-            if not args.force:
-                try:
-                    dataset_info(data_dir, args.name)
-                    verb = "kept (valid; --force rebuilds)"
-                except DataError:
-                    pass
-            path = prepare(args.name, data_dir, seed=settings.seed, force=args.force)
+            path, wrote = prepare(args.name, data_dir, seed=settings.seed, force=args.force)
+            verb = "wrote" if wrote else "kept (valid; --force rebuilds)"
         else:
             path = import_arrays(args.name, args.x, args.y, data_dir, val_fraction=args.val_fraction,
                                  test_fraction=args.test_fraction, seed=settings.seed)

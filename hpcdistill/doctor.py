@@ -82,6 +82,8 @@ def _mpi():
 
 def _rma_check(world, MPI, updates: int = 200) -> Check:
     """Every rank accumulates into every element of rank 0's window concurrently; nothing may be lost."""
+    from hpcdistill.comm.rma import locked
+
     check = Check("MPI RMA window")
     n = 64
     try:
@@ -91,9 +93,8 @@ def _rma_check(world, MPI, updates: int = 200) -> Check:
         world.Barrier()
         one = np.ones(n)
         for _ in range(updates):
-            win.Lock(0, MPI.LOCK_SHARED)
-            win.Accumulate(one, 0, op=MPI.SUM)
-            win.Unlock(0)
+            with locked(win, 0):
+                win.Accumulate(one, 0, op=MPI.SUM)
         req = world.Ibarrier()
         while not req.Test():  # rank 0 keeps MPI progressing for the others' passive-target updates
             pass

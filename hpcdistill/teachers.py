@@ -9,6 +9,7 @@ Teachers run forward only, in eval mode, without gradients.
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -187,15 +188,11 @@ def resolve_teacher_files(paths) -> list[Path]:
     return files
 
 
-def _check_fits(path, arch: dict, student: dict | None) -> None:
+def _check_fits(path, arch: dict, student: dict) -> None:
     """A teacher must take the student's inputs and predict the same classes."""
-    if student is None:
-        return
-    def norm(v):
-        return list(v) if isinstance(v, (list, tuple)) else v
-
+    student = json.loads(json.dumps(student))  # compare as stored: tuples become lists
     for key in ("input_shape", "num_classes"):
-        if norm(arch.get(key)) != norm(student.get(key)):
+        if arch.get(key) != student.get(key):
             raise TeacherError(f"{path}: the teacher was trained for {key} {arch.get(key)}, this dataset has "
                                f"{student.get(key)}; distill on the dataset the teacher was trained on")
 
@@ -203,7 +200,7 @@ def _check_fits(path, arch: dict, student: dict | None) -> None:
 class FixedTeachers(_Teachers):
     """Distillation teachers: read and verified by the leader, broadcast to every rank of `comm`."""
 
-    def __init__(self, paths, *, comm, device, student_arch: dict | None = None):
+    def __init__(self, paths, *, comm, device, student_arch: dict):
         self.files, error, trees = [], None, []
         if comm.Get_rank() == 0:
             try:

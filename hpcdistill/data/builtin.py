@@ -30,8 +30,9 @@ SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__
 MIN_PER_SPLIT = 10
 
 
-def prepare(name: str, data_dir, *, seed: int = 0, force: bool = False) -> Path:
-    """Write DATA_DIR/NAME/{train,val,test}.h5 for a built-in dataset; return the directory.
+def prepare(name: str, data_dir, *, seed: int = 0, force: bool = False) -> tuple[Path, bool]:
+    """Write DATA_DIR/NAME/{train,val,test}.h5 for a built-in dataset; return the directory and
+    whether it was written (False: valid existing files were kept).
 
     Valid existing files are kept (so every job script may call this) unless `force`."""
     builders = {"digits": _digits, "text": _text}
@@ -42,12 +43,12 @@ def prepare(name: str, data_dir, *, seed: int = 0, force: bool = False) -> Path:
     if not force:
         try:
             dataset_info(data_dir, name)
-            return path
+            return path, False
         except DataError:
             pass  # missing or damaged: build it
     for split, (x, y), attrs in builders[name](seed):
         write_split(path, split, x, y, name=name, **attrs)
-    return path
+    return path, True
 
 
 def _digits(seed: int):

@@ -56,13 +56,13 @@ def dc_delta(g: np.ndarray, w_bak: np.ndarray, w_now: np.ndarray | None, *, rule
         raise ValueError(f"unknown async rule {rule!r}; expected one of {RULES}")
     g = np.asarray(g, np.float32)
     out = np.empty_like(g) if out is None else out
+    gg = np.empty_like(g) if scratch is None else scratch
     if rule == "asgd" or lambda0 == 0:
         if rule == "dcasgd-a":  # keep the mean square current even when lambda0 = 0
-            gg = np.multiply(g, g, out=np.empty_like(g) if scratch is None else scratch)
-            meansq = _update_meansq(gg, meansq, decay)
+            meansq = _update_meansq(np.multiply(g, g, out=gg), meansq, decay)
         np.multiply(g, np.float32(-lr), out=out)
         return out, meansq
-    gg = np.multiply(g, g, out=np.empty_like(g) if scratch is None else scratch)
+    np.multiply(g, g, out=gg)
     np.subtract(np.asarray(w_now, np.float32), np.asarray(w_bak, np.float32), out=out)
     out *= gg                                        # g * g * (w_now - w_bak)
     if rule == "dcasgd-a":
