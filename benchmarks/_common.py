@@ -9,8 +9,13 @@ from __future__ import annotations
 
 import os
 import platform
+import shutil
 import statistics
 import subprocess
+import sys
+from pathlib import Path
+
+VENV_BIN = Path(sys.executable).parent
 
 
 def median(xs):
@@ -50,3 +55,23 @@ def machine(world_size: int | None = None) -> str:
     if world_size is not None:
         over = f", {world_size} ranks on {cores} cores ({'oversubscribed' if world_size > cores else 'not oversubscribed'})"
     return f"{cpu}, {cores} cores, {mpi}, load average {load}{over}, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}"
+
+
+def train_env(**settings) -> dict:
+    """This process's environment without stray HPCDISTILL_* settings, plus `settings`, for a job."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HPCDISTILL_")}
+    env.setdefault("OMP_NUM_THREADS", "1")
+    env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"
+    env.update({k: str(v) for k, v in settings.items()})
+    return env
+
+
+def train_cmd(np_: int) -> list[str]:
+    """`mpirun -np N hpcdistill train`, unbound (Open MPI binds np <= 2 jobs to cores, and two jobs
+    started side by side would share core 0)."""
+    cmd = [shutil.which("mpirun") or "mpirun", "--oversubscribe", "--bind-to", "none", "-np", str(np_),
+           str(VENV_BIN / "hpcdistill"), "train"]
+    if os.geteuid() == 0:
+        cmd.insert(1, "--allow-run-as-root")
+    return cmd
+

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -36,22 +35,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import machine, median, table  # noqa: E402
-
-VENV_BIN = Path(sys.executable).parent
-HPCDISTILL = str(VENV_BIN / "hpcdistill")
-MPIRUN = shutil.which("mpirun") or "mpirun"
+from _common import machine, median, table, train_cmd, train_env  # noqa: E402
 
 
 def run_job(np_: int, settings: dict, run_dir: Path) -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("HPCDISTILL_")}
-    env.setdefault("OMP_NUM_THREADS", "1")
-    env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"
-    env.update({k: str(v) for k, v in settings.items()}, HPCDISTILL_RUN_DIR=str(run_dir))
-    cmd = [MPIRUN, "--oversubscribe", "--bind-to", "none", "-np", str(np_), HPCDISTILL, "train"]
-    if os.geteuid() == 0:
-        cmd.insert(1, "--allow-run-as-root")
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    cmd = train_cmd(np_)
+    proc = subprocess.run(cmd, env=train_env(**settings, HPCDISTILL_RUN_DIR=run_dir), capture_output=True,
+                          text=True, timeout=900)
     if proc.returncode:
         raise SystemExit(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

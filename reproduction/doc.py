@@ -191,7 +191,7 @@ def _codistill_verdicts(res: dict) -> list:
 
 def _dcasgd(res: dict) -> tuple[str, list]:
     z = res["sizes"]
-    out = [f"## 2. DC-ASGD (Zheng et al. 2017)\n",
+    out = ["## 2. DC-ASGD (Zheng et al. 2017)\n",
            f"`digits` (1257 training images), the default `mlp` (2 x 256), plain SGD at lr {z['lr']} (the best of "
            f"0.1 / 0.25 / 0.5 for sequential SGD in a trial with seed 0) without momentum for every method (the async updater applies none), per-worker batch {z['batch']}, and the "
            f"same number of training samples for every method: {z['total_steps']} steps for sequential SGD, "
@@ -299,7 +299,7 @@ def _dcasgd_verdicts(res: dict) -> list:
 
 def _distill(res: dict) -> tuple[str, list]:
     z = res["sizes"]
-    out = [f"## 3. Knowledge distillation (Hinton et al. 2015)\n",
+    out = ["## 3. Knowledge distillation (Hinton et al. 2015)\n",
            f"`digits`, 1 rank, SGD with momentum 0.9 (lr 0.05, cosine), batch {z['batch']}; the teacher {z['steps']} steps, "
            f"every student {z.get('student_steps', z['steps'])} steps. "
            f"Teacher `mlp-large` (2 x 1200, dropout 0.2, {res.get('teacher_parameters') or '—'} parameters), student "
@@ -394,7 +394,7 @@ def _distill_verdicts(res: dict) -> list:
 def write():
     IMG.mkdir(parents=True, exist_ok=True)
     results = {n: _load(n) for n in ("codistill", "dcasgd", "distill")}
-    sections, verdicts, plots, commands, failed, metas = [], [], [], [], [], []
+    sections, verdicts, commands, failed, metas = [], [], [], [], []
     for name, module, render in (("codistill", codistill, _codistill), ("dcasgd", dcasgd, _dcasgd),
                                  ("distill", distill, _distill)):
         res = results[name]

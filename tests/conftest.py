@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +14,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 HPCDISTILL = str(BIN / "hpcdistill")
+needs_mpi = pytest.mark.skipif(shutil.which("mpirun") is None, reason="mpirun not found")
 
 
 def mpirun_cmd(np_: int, *args: str) -> list[str]:
@@ -30,19 +32,37 @@ def clean_env(**settings) -> dict:
     return env
 
 
-def run_mpi(np_: int, args: list[str], timeout: float = 300, **settings) -> subprocess.CompletedProcess:
-    return subprocess.run(mpirun_cmd(np_, *args), env=clean_env(**settings), capture_output=True,
+def run_mpi(np_: int, args: list[str], timeout: float = 300, check: bool = False,
+            **settings) -> subprocess.CompletedProcess:
+    """`mpirun -np N args...` with environment variables given as keyword arguments; with `check`,
+    exit status 0 is asserted (the output's tail is the message)."""
+    proc = subprocess.run(mpirun_cmd(np_, *map(str, args)), env=clean_env(**settings), capture_output=True,
                           text=True, timeout=timeout, cwd=ROOT)
+    if check:
+        assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    return proc
 
 
 def train(np_: int, run_dir: Path, timeout: float = 300, check: bool = True, **settings) -> subprocess.CompletedProcess:
     """`mpirun -np N hpcdistill train` with HPCDISTILL_* settings given as keyword arguments."""
     env = {"HPCDISTILL_RUN_DIR": str(run_dir), "HPCDISTILL_RESUME": "never"}
     env.update({f"HPCDISTILL_{k.upper()}": v for k, v in settings.items()})
-    proc = run_mpi(np_, [HPCDISTILL, "train"], timeout=timeout, **env)
-    if check:
-        assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    return proc
+    return run_mpi(np_, [HPCDISTILL, "train"], timeout=timeout, check=check, **env)
+
+
+def flip_stored_byte(path: Path, dataset: str, at: int = 0, mask: int = 0xFF) -> None:
+    """Damage one byte of `dataset`'s stored data in the HDF5 file `path`, behind HDF5's back (bit rot,
+    a bad copy): the file still opens, only a checksum can tell."""
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        ds = f[dataset].id
+        offset = ds.get_offset() if ds.get_offset() is not None else ds.get_chunk_info(0).byte_offset
+    with open(path, "r+b") as fh:
+        fh.seek(offset + at)
+        byte = fh.read(1)[0]
+        fh.seek(offset + at)
+        fh.write(bytes([byte ^ mask]))
 
 
 def summary(run_dir: Path) -> dict:

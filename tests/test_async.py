@@ -2,23 +2,16 @@
 flag, and end-to-end async training (alone and inside codistill groups) under real mpirun."""
 
 import json
-import os
-import shutil
-import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-from conftest import ROOT, clean_env, mpirun_cmd
+from conftest import ROOT, needs_mpi, run_mpi, train
 from hpcdistill.comm.rma import shard_bounds
 from hpcdistill.strategies.async_rma import MEANSQ_EPS, dc_delta
 
-MPIRUN = shutil.which("mpirun")
-needs_mpi = pytest.mark.skipif(MPIRUN is None, reason="mpirun not found")
-VENV_BIN = Path(sys.executable).parent
 
 # A worker script driving AsyncUpdater directly: gradient = a known constant per worker and update
 # (loss = <c, w>, c drawn from a generator seeded with (worker, update)), so what each worker pushes
@@ -146,28 +139,14 @@ DRIVER = textwrap.dedent('''
 ''')
 
 
-def mpi_env(**extra):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("HPCDISTILL_")}
-    env.update(OMP_NUM_THREADS="1", PATH=f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}")
-    env.update({k: str(v) for k, v in extra.items()})
-    return env
-
-
-def mpirun(np_, args, env, timeout):
-    cmd = [MPIRUN, "--allow-run-as-root", "--oversubscribe", "-np", str(np_), *args]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
-    return proc
-
-
 def drive(tmp_path, np_, timeout=120, **env):
     tmp_path.mkdir(parents=True, exist_ok=True)
     script = tmp_path / "driver.py"
     script.write_text(DRIVER)
     out = tmp_path / "out"
     out.mkdir(exist_ok=True)
-    mpirun(np_, [sys.executable, "-m", "mpi4py", str(script), str(out)],
-           mpi_env(**{"HPCDISTILL_MODE": "async", **env}), timeout)
+    run_mpi(np_, [sys.executable, "-m", "mpi4py", script, out], timeout=timeout, check=True,
+            **{"HPCDISTILL_MODE": "async", **env})
     workers = sorted(out.glob("worker*.npz"))
     traces = [dict(np.load(f)) for f in workers]
     infos = [json.loads(f.with_suffix(".json").read_text()) for f in workers]
@@ -271,9 +250,7 @@ def test_sibling_groups_allocate_windows_without_clashing(tmp_path):
     """Regression: Open MPI 4.1 named the shared-memory file of a window after the communicator's
     context id, which sibling groups share; simultaneous allocation failed or hung about half the time."""
     out = tmp_path / "windows.json"
-    proc = subprocess.run(mpirun_cmd(6, sys.executable, str(ROOT / "tests/mpi/group_windows.py"), str(out), "30"),
-                          env=clean_env(), capture_output=True, text=True, timeout=180, cwd=ROOT)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    proc = run_mpi(6, [sys.executable, ROOT / "tests/mpi/group_windows.py", out, 30], timeout=180, check=True)
     assert "system call failed" not in proc.stderr.lower()
     rows = json.loads(out.read_text())
     for r in rows:
@@ -357,26 +334,14 @@ def test_codistill_workers_stop_together_at_an_exchange_step(tmp_path):
     assert [i["updates"] for i in infos] == [16, 16] and all(i["stopped"] for i in infos)
 
 
-@pytest.fixture(scope="module")
-def digits(tmp_path_factory):
-    """`hpcdistill data prepare digits --data-dir D`, in process (a CLI start-up costs a torch import)."""
-    from hpcdistill.data import prepare
-
-    root = tmp_path_factory.mktemp("data")
-    prepare("digits", root)
-    return root
-
-
 @needs_mpi
-def test_train_async_dcasgd_a_on_digits(tmp_path, digits):
+def test_train_async_dcasgd_a_on_digits(tmp_path, data_dir):
     """`HPCDISTILL_MODE=async HPCDISTILL_ASYNC_RULE=dcasgd-a mpirun -np 5 hpcdistill train` with the
     default steps and learning rate (resume is checked exactly, and faster, through the updater above)."""
     from hpcdistill.checkpoints import CheckpointManager
 
     run = tmp_path / "run"
-    env = mpi_env(HPCDISTILL_MODE="async", HPCDISTILL_ASYNC_RULE="dcasgd-a", HPCDISTILL_DATA_DIR=digits,
-                  HPCDISTILL_RUN_DIR=run)
-    proc = mpirun(5, [str(VENV_BIN / "hpcdistill"), "train"], env, timeout=240)
+    proc = train(5, run, mode="async", async_rule="dcasgd-a", data_dir=data_dir, timeout=240)
     summary = json.loads((run / "summary.json").read_text())
     assert summary["mode"] == "async" and summary["groups"][0]["test_accuracy"] >= 0.93, summary
     a = summary["async"]
@@ -396,12 +361,10 @@ def test_train_async_dcasgd_a_on_digits(tmp_path, digits):
 
 
 @needs_mpi
-def test_codistill_with_async_groups(tmp_path, digits):
+def test_codistill_with_async_groups(tmp_path, data_dir):
     run = tmp_path / "run"
-    env = mpi_env(HPCDISTILL_MODE="codistill", HPCDISTILL_GROUP_MODE="async", HPCDISTILL_GROUPS=2,
-                  HPCDISTILL_DATA_DIR=digits, HPCDISTILL_RUN_DIR=run, HPCDISTILL_STEPS=120,
-                  HPCDISTILL_EXCHANGE_EVERY=40, HPCDISTILL_BURN_IN=40)
-    mpirun(6, [str(VENV_BIN / "hpcdistill"), "train"], env, timeout=240)
+    train(6, run, mode="codistill", group_mode="async", groups=2, data_dir=data_dir, steps=120, exchange_every=40,
+          burn_in=40, timeout=240)
     summary = json.loads((run / "summary.json").read_text())
     groups = summary["async"]["groups"]
     assert len(groups) == 2 and all(g["workers"] == 2 and g["updates"] == 240 for g in groups)

@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import flip_stored_byte
 from hpcdistill.checkpoints import (CheckpointError, CheckpointManager, capture, model_arrays, read_h5,
                                     restore, verify_h5, write_h5)
 
@@ -153,11 +154,7 @@ def test_truncated(good):
 
 
 def test_bit_flip_in_data_is_caught_by_checksum(good):
-    with h5py.File(good, "r") as f:
-        offset = f["model/0.weight"].id.get_offset()
-    data = bytearray(good.read_bytes())
-    data[offset + 3] ^= 0x10
-    good.write_bytes(bytes(data))
+    flip_stored_byte(good, "model/0.weight", at=3, mask=0x10)
     assert_refused(good, "bad checksum")
 
 

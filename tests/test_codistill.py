@@ -7,11 +7,9 @@ import os
 import sys
 from pathlib import Path
 
-import h5py
-import numpy as np
 import torch
 
-from conftest import ROOT, metrics, run_mpi, summary, train
+from conftest import ROOT, flip_stored_byte, metrics, run_mpi, summary, train
 from hpcdistill.checkpoints import CheckpointManager, model_arrays
 from hpcdistill.exchange import Exchange
 from hpcdistill.models import arch_for, build_model
@@ -80,11 +78,7 @@ def _plant_bad_peer_files(exchange_dir: Path, data_dir: Path) -> dict[str, str]:
     expected[path.name] = "truncated"
 
     path = ex.publish(1002, model, arch=arch, health=healthy)
-    with h5py.File(path, "r") as f:
-        offset = f["model/net.1.weight"].id.get_offset()
-    data = bytearray(path.read_bytes())
-    data[offset + 100] ^= 0xFF
-    path.write_bytes(bytes(data))
+    flip_stored_byte(path, "model/net.1.weight", at=100)
     expected[path.name] = "checksum"
 
     small = arch_for("mlp-small", kind="image", input_shape=(1, 8, 8), num_classes=10)

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import flip_stored_byte
 from hpcdistill.data import DataError, ShardReader, dataset_info, eval_batches, import_arrays, prepare
 from hpcdistill.data.builtin import SEQ_LEN, text_corpus, text_regions
 
@@ -214,14 +215,7 @@ def test_import_rejects_missing_files_npz_and_bad_names(tmp_path):
 
 def test_damaged_file_is_detected_and_prepare_repairs_it(tmp_path):
     prepare("digits", tmp_path)
-    path = tmp_path / "digits" / "val.h5"
-    with h5py.File(path, "r") as f:
-        offset = f["x"].id.get_chunk_info(0).byte_offset
-    with open(path, "r+b") as fh:  # flip bits inside x's stored bytes, behind HDF5's back
-        fh.seek(offset + 100)
-        byte = fh.read(1)[0]
-        fh.seek(offset + 100)
-        fh.write(bytes([byte ^ 0xFF]))
+    flip_stored_byte(tmp_path / "digits" / "val.h5", "x", at=100)
     with pytest.raises(DataError, match=r"val\.h5 is damaged.*hpcdistill data prepare digits"):
         dataset_info(tmp_path, "digits")
     dataset_info(tmp_path, "digits", verify=False)  # attributes alone still read

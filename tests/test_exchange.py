@@ -4,11 +4,11 @@ import multiprocessing as mp
 import shutil
 import time
 
-import h5py
 import pytest
 import torch
 from torch import nn
 
+from conftest import flip_stored_byte
 from hpcdistill.checkpoints import model_arrays
 from hpcdistill.exchange import Exchange
 from hpcdistill.models import arch_for, build_model
@@ -51,14 +51,6 @@ def test_publish_keeps_newest_files(tmp_path):
     assert ex.peers() == [0, 2]
 
 
-def flip_data_byte(path):
-    with h5py.File(path, "r") as f:
-        offset = f["model/weight"].id.get_offset()
-    data = bytearray(path.read_bytes())
-    data[offset] ^= 0xFF
-    path.write_bytes(bytes(data))
-
-
 def truncate(path):
     path.write_bytes(path.read_bytes()[:1000])
 
@@ -66,7 +58,7 @@ def truncate(path):
 def publish_bad(ex, kind):
     """Publish step 20 of group 0, bad in the given way."""
     if kind == "corrupt":
-        flip_data_byte(ex.publish(20, filled(20.0), arch=ARCH, health=HEALTHY))
+        flip_stored_byte(ex.publish(20, filled(20.0), arch=ARCH, health=HEALTHY), "model/weight")
     elif kind == "truncated":
         truncate(ex.publish(20, filled(20.0), arch=ARCH, health=HEALTHY))
     elif kind == "other-arch":

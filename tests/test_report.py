@@ -2,63 +2,35 @@
 runs, resumed metrics, and the exit code 2 for a directory that is not a run."""
 
 import json
-import os
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
+from conftest import clean_env, needs_mpi, summary, train
 from hpcdistill import report as rp
 
-MPIRUN = shutil.which("mpirun")
-needs_mpi = pytest.mark.skipif(MPIRUN is None, reason="mpirun not found")
-VENV_BIN = Path(sys.executable).parent
 HPCDISTILL = [sys.executable, "-m", "hpcdistill"]
 PNGS = ["train_loss_vs_step.png", "train_loss_vs_time.png", "validation_vs_step.png", "validation_vs_time.png"]
 
 
-def mpi_env(**extra):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("HPCDISTILL_")}
-    env.update(OMP_NUM_THREADS="1", PATH=f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}")
-    env.update({k: str(v) for k, v in extra.items()})
-    return env
-
-
-def train(np_, env, timeout=240):
-    cmd = [MPIRUN, "--allow-run-as-root", "--oversubscribe", "-np", str(np_), str(VENV_BIN / "hpcdistill"), "train"]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
-
-
 def cli_report(*args):
     return subprocess.run([*HPCDISTILL, "report", *map(str, args)], capture_output=True, text=True, timeout=120,
-                          env=mpi_env())
+                          env=clean_env())
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs(tmp_path_factory, data_dir):
     """Four real runs on digits: sync on 2 ranks, codistill with 2 groups of 1 rank, the
     distillation of the codistilled pair into mlp-small on 1 rank, and mlp-small trained alone."""
-    if MPIRUN is None:
-        pytest.skip("mpirun not found")
     root = tmp_path_factory.mktemp("report")
-    data = root / "data"
-    subprocess.run([*HPCDISTILL, "data", "prepare", "digits"], check=True, timeout=120, capture_output=True,
-                   env=mpi_env(HPCDISTILL_DATA_DIR=data))
-    common = dict(HPCDISTILL_DATA_DIR=data, HPCDISTILL_STEPS=30, HPCDISTILL_EVAL_EVERY=10, HPCDISTILL_LOG_EVERY=5)
-    train(2, mpi_env(HPCDISTILL_MODE="sync", HPCDISTILL_RUN_DIR=root / "sync", **common))
-    train(2, mpi_env(HPCDISTILL_MODE="codistill", HPCDISTILL_GROUPS=2, HPCDISTILL_EXCHANGE_EVERY=10,
-                     HPCDISTILL_BURN_IN=10, HPCDISTILL_RUN_DIR=root / "codistill", **common))
-    train(1, mpi_env(HPCDISTILL_MODE="distill", HPCDISTILL_TEACHERS=root / "codistill", HPCDISTILL_MODEL="mlp-small",
-                     HPCDISTILL_RUN_DIR=root / "distill", **common))
-    train(1, mpi_env(HPCDISTILL_MODE="sync", HPCDISTILL_MODEL="mlp-small", HPCDISTILL_RUN_DIR=root / "alone", **common))
+    common = dict(data_dir=data_dir, steps=30, eval_every=10, log_every=5, timeout=240)
+    train(2, root / "sync", mode="sync", **common)
+    train(2, root / "codistill", mode="codistill", groups=2, exchange_every=10, burn_in=10, **common)
+    train(1, root / "distill", mode="distill", teachers=root / "codistill", model="mlp-small", **common)
+    train(1, root / "alone", mode="sync", model="mlp-small", **common)
     return root
-
-
-def summary(run_dir):
-    return json.loads((run_dir / "summary.json").read_text())
 
 
 def row(text, label):

@@ -7,12 +7,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 
-from conftest import HPCDISTILL, ROOT, clean_env, metrics, mpirun_cmd, run_mpi, summary, train
+from conftest import HPCDISTILL, ROOT, clean_env, flip_stored_byte, metrics, mpirun_cmd, run_mpi, summary, train
 from hpcdistill.checkpoints import CheckpointManager, read_h5
 
 
@@ -91,7 +90,7 @@ def test_signal_checkpoints_and_resume_matches_uninterrupted_run(tmp_path, data_
         resumed = subprocess.run(mpirun_cmd(2, HPCDISTILL, "train"), env=env, capture_output=True, text=True,
                                  timeout=300, cwd=ROOT)
         assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
-        assert f"resuming from" in resumed.stdout and f"(step {step})" in resumed.stdout
+        assert "resuming from" in resumed.stdout and f"(step {step})" in resumed.stdout
         ref_step, ref = _final_model(reference)
         got_step, got = _final_model(run)
         assert got_step == ref_step == 200
@@ -144,19 +143,10 @@ def test_divergence_stops_the_job_and_keeps_the_good_checkpoints(tmp_path, data_
 
 def test_damaged_dataset_is_refused_before_training(tmp_path):
     """One rank re-hashes the files, every rank stops with its message (and the remedy)."""
-    import h5py
-
     from hpcdistill.data import prepare
 
     prepare("digits", tmp_path / "data")
-    path = tmp_path / "data" / "digits" / "train.h5"
-    with h5py.File(path, "r") as f:
-        offset = f["x"].id.get_chunk_info(0).byte_offset
-    with open(path, "r+b") as fh:  # flip a byte inside x's stored data, behind HDF5's back
-        fh.seek(offset + 100)
-        byte = fh.read(1)[0]
-        fh.seek(offset + 100)
-        fh.write(bytes([byte ^ 0xFF]))
+    flip_stored_byte(tmp_path / "data" / "digits" / "train.h5", "x", at=100)
     proc = train(2, tmp_path / "run", check=False, data_dir=tmp_path / "data", steps=5)
     assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "train.h5 is damaged" in proc.stderr and "hpcdistill data prepare digits" in proc.stderr
