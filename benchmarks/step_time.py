@@ -44,7 +44,7 @@ import torch.nn.functional as F  # noqa: E402
 from _common import machine, median, table  # noqa: E402
 
 from hpcdistill.comm.topology import _init_horovod, init_mpi  # noqa: E402
-from hpcdistill.models import arch_for, build_model, count_parameters  # noqa: E402
+from hpcdistill.models import count_parameters, resolve_model  # noqa: E402
 
 SHAPES = {  # model -> (kind, input_shape, classes)
     "mlp": ("image", (1, 8, 8), 10),
@@ -156,7 +156,7 @@ def main() -> int:
     for name in args.models.split(","):
         kind, shape, classes = SHAPES[name]
         torch.manual_seed(0)
-        base = build_model(arch_for(name, kind=kind, input_shape=shape, num_classes=classes))
+        base = resolve_model(name, kind=kind).build(shape, classes)
         x, y = make_batch(name, args.batch_size, seed=1 + rank)
         # calibrate: steps per phase so that a phase lasts about --phase-seconds
         probe = run_ddp(world, base, kind, x, y, 2, 3)[0]

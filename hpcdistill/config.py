@@ -44,12 +44,24 @@ class Settings(BaseSettings):
 
     mode: Literal["sync", "codistill", "async", "distill"] = Field(
         "sync", description="training mode: sync · codistill · async · distill")
-    dataset: str = Field("digits", min_length=1, description="dataset name under DATA_DIR")
+    dataset: str = Field(
+        "digits", min_length=1,
+        description="prepared dataset under DATA_DIR (digits, text, or one made by `data import`), or your "
+                    "factory package.module:callable, called factory(split, **DATASET_ARGS)")
+    dataset_args: Optional[str] = Field(
+        None, description="JSON object of keyword arguments for a dataset factory")
     data_dir: Path = Field(Path("datasets"), description="where prepared datasets live")
     run_dir: Optional[Path] = Field(
         None, description="where this run writes everything (default ./runs/<SLURM_JOB_ID or timestamp>)")
     model: Optional[str] = Field(
-        None, description="model from the registry (the student in distill); default: mlp for images, charlm for text")
+        None, description="built-in model (the student in distill), or your factory package.module:callable, "
+                          "called factory(*, input_shape, num_classes, **MODEL_ARGS); default: mlp for "
+                          "classification, charlm for token sequences")
+    model_args: Optional[str] = Field(
+        None, description="JSON object of keyword arguments for the model factory (updates a built-in's)")
+    loader_workers: int = Field(
+        0, ge=0, le=64, description="DataLoader worker processes per rank (0: batches are read by the training "
+                                    "process; more when __getitem__ is costly)")
     steps: int = Field(300, gt=0, description="optimizer steps per group (per worker in async)")
     batch_size: int = Field(32, gt=0, description="per-rank batch size")
     lr: Optional[float] = Field(
@@ -102,10 +114,31 @@ class Settings(BaseSettings):
     straggler_delay: float = Field(
         1.0, ge=0, description="the straggler sleeps this fraction of its step time (1.0 = 2x slower)")
     teachers: Optional[str] = Field(
-        None, description="comma-separated teacher checkpoints (HDF5) or codistill run dirs, for distill")
+        None, description="comma-separated teacher checkpoints (HDF5, .safetensors, .pt) or codistill run dirs, "
+                          "for distill")
+    teacher_model: Optional[str] = Field(
+        None, description="factory of distillation teachers of another architecture (default: the student's); "
+                          "needed for .safetensors/.pt teachers of another architecture")
+    teacher_model_args: Optional[str] = Field(
+        None, description="JSON object of the teacher factory's arguments, for .safetensors/.pt teachers "
+                          "(hpcdistill checkpoints record their own)")
     distill_loss: Literal["soft", "logits"] = Field(
         "soft", description="soft targets at temperature T, or squared error between logits")
     omit_classes: str = Field("", description="comma-separated classes left out of the distill transfer set")
+
+    @field_validator("model_args", "dataset_args", "teacher_model_args")
+    @classmethod
+    def _check_json_object(cls, value: Optional[str]) -> Optional[str]:
+        if value is not None:
+            import json
+
+            try:
+                parsed = json.loads(value)
+            except ValueError as exc:
+                raise ValueError(f"not valid JSON ({exc}); give a JSON object such as '{{\"width\": 16}}'") from None
+            if not isinstance(parsed, dict):
+                raise ValueError(f"a JSON {type(parsed).__name__}, expected a JSON object of keyword arguments")
+        return value
 
     @field_validator("param_hosts")
     @classmethod

@@ -23,6 +23,7 @@ import torch
 
 from .atomic import atomic_path
 from .checkpoints import CheckpointError, CheckpointManager, capture, numbered_files, read_h5
+from .models import diff_manifests
 
 
 @dataclass
@@ -45,6 +46,20 @@ def _non_finite_key(arrays: dict) -> str | None:
         if bad:
             return key
     return None
+
+
+def _same_model(path: Path, expect: dict | None):
+    """A read_h5 check: the file's model tensors are exactly those of the model this group trains
+    (names, shapes, dtypes), known before any data is read; None checks nothing."""
+    if expect is None:
+        return None
+
+    def check(meta: dict, layout: dict) -> None:
+        have = {k.removeprefix("model/"): v for k, v in layout.items() if k.startswith("model/")}
+        if have != expect:
+            problem = diff_manifests(have, expect, "the file", "this group's model")
+            raise CheckpointError(path, f"another architecture: {problem}")
+    return check
 
 
 GONE = "gone.json"  # in a group's directory: that group stopped early and publishes nothing more
@@ -115,7 +130,8 @@ class Exchange:
             return f"diverged: train_loss {loss:.4g} > {self.divergence_ratio:g} x initial_loss {initial:.4g}"
         return None
 
-    def freshest(self, peer: int, *, expect_arch: dict, min_step: int | None = None,
+    def freshest(self, peer: int, *, expect_arch: dict, expect_manifest: dict | None = None,
+                 min_step: int | None = None,
                  exclude_path_steps: set | None = None
                  ) -> tuple[PeerCheckpoint | None, list[tuple[Path, str]]]:
         """The newest usable checkpoint of `peer`, and the files refused on the way as [(path, reason)].
@@ -143,7 +159,7 @@ class Exchange:
             if rejected.get(path) == signature:
                 continue
             try:
-                arrays, meta = read_h5(path)
+                arrays, meta = read_h5(path, check=_same_model(path, expect_manifest))
             except CheckpointError as e:
                 if not os.path.exists(path):  # deleted by the writer's rotation meanwhile
                     continue

@@ -1,9 +1,10 @@
-"""Checks of `hpcdistill train`'s settings against the filesystem, before MPI starts.
+"""Checks of `hpcdistill train`'s settings against the filesystem and the user's code, before MPI starts.
 
-`config` validates each variable on its own; these need files: the dataset must exist, the model
-must fit it, the run and exchange directories must be writable, the teacher files must exist. Every
-rank runs them on its own (a few stats and one HDF5 attribute read), so a bad value fails in a
-second with exit status 2 instead of after MPI and Horovod have started.
+`config` validates each variable on its own; these need files and imports: the dataset must exist (or
+its factory import and return a proper Dataset), the model factory must import, build and map one
+sample batch to `[B, num_classes]` (or `[B, T, num_classes]` for token data), the run and exchange
+directories must be writable, the teacher files must exist. Every rank runs them on its own, so a
+bad value fails in seconds with exit status 2 instead of after MPI and Horovod have started.
 """
 
 from __future__ import annotations
@@ -11,16 +12,34 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import torch
+
 from hpcdistill.config import ConfigError
-from hpcdistill.data import dataset_info
-from hpcdistill.models import arch_for, default_model
+from hpcdistill.data import DataError, eval_batches, open_source
+from hpcdistill.models import ModelError, resolve_model
+
+
+def check_code(settings, *, need_data: bool = True) -> None:
+    """The dataset and the model (and teacher model) the settings name: imported, built, one batch
+    through the model. With need_data=False (`hpcdistill config`) a prepared dataset that does not
+    exist yet is not an error: only the user's code is checked then."""
+    try:
+        source = open_source(settings.dataset, settings.data_dir, settings.dataset_args)
+    except DataError:
+        if need_data or ":" in settings.dataset:
+            raise
+        source = None
+    spec = resolve_model(settings.model, settings.model_args, kind=source.kind if source else None) \
+        if source or settings.model else None
+    if source is not None and spec is not None:
+        check_output(spec.name, spec.build(source.input_shape, source.num_classes), source)
+    if settings.teacher_model:
+        resolve_model(settings.teacher_model, settings.teacher_model_args, variable="HPCDISTILL_TEACHER_MODEL")
 
 
 def check(settings) -> None:
     """Raise ConfigError, DataError or ModelError naming the variable and what to do."""
-    info = dataset_info(settings.data_dir, settings.dataset, verify=False)
-    arch_for(settings.model or default_model(info.kind), kind=info.kind, input_shape=info.input_shape,
-             num_classes=info.num_classes)
+    check_code(settings)
     for name, path in (("HPCDISTILL_RUN_DIR", settings.run_dir), ("HPCDISTILL_EXCHANGE_DIR", settings.exchange_dir)):
         if path is not None:
             _writable_dir(name, Path(path))
@@ -28,7 +47,30 @@ def check(settings) -> None:
         missing = [str(p) for p in settings.teacher_paths if not Path(p).exists()]
         if missing:
             raise ConfigError(f"HPCDISTILL_TEACHERS: no such file or directory: {', '.join(missing)}; give "
-                              "checkpoint .h5 files or finished run directories")
+                              "checkpoint .h5 (.safetensors, .pt) files or finished run directories")
+
+
+def check_output(name: str, model: torch.nn.Module, source) -> None:
+    """The model maps a batch of two training samples to logits of the dataset's classes."""
+    try:
+        x, y = next(eval_batches(source.dataset("train"), batch_size=2))
+    except Exception as exc:  # noqa: BLE001 - the user's dataset may fail to collate
+        raise DataError(f"HPCDISTILL_DATASET={source.name}: two samples do not make a batch "
+                        f"({type(exc).__name__}: {exc}); samples must be tensors of one shape") from None
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(x)
+    except Exception as exc:  # noqa: BLE001
+        first = (str(exc).splitlines() or [""])[0]
+        raise ModelError(f"HPCDISTILL_MODEL={name}: the model fails on a batch of {tuple(x.shape)} {x.dtype} "
+                         f"inputs from HPCDISTILL_DATASET={source.name} ({type(exc).__name__}: {first})") from None
+    want = (*y.shape, source.num_classes)
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != want:
+        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ModelError(f"HPCDISTILL_MODEL={name}: the model maps a batch of {tuple(x.shape)} to {got}, expected "
+                         f"logits {want} (batch, {'tokens, ' if len(want) == 3 else ''}num_classes "
+                         f"{source.num_classes} of HPCDISTILL_DATASET={source.name})")
 
 
 def _writable_dir(name: str, path: Path) -> None:

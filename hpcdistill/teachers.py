@@ -20,7 +20,8 @@ from hpcdistill.checkpoints import CheckpointError, CheckpointManager, model_arr
 from hpcdistill.comm.broadcast import bcast_tree
 from hpcdistill.exchange import Exchange
 from hpcdistill.log import get_logger
-from hpcdistill.models import build_model, count_parameters
+from hpcdistill.models import (ModelError, ModelSpec, build_from_record, count_parameters, diff_manifests, manifest, sized_manifest,
+                               spec_from_record)
 
 log = get_logger("teachers")
 
@@ -31,10 +32,32 @@ class TeacherError(Exception):
     exit_code = 2
 
 
-def _model_from(arrays: dict, arch: dict, device) -> torch.nn.Module:
-    model = build_model(arch)
-    model.load_state_dict(model_arrays(arrays))
+def _frozen(model: torch.nn.Module, state: dict, device) -> torch.nn.Module:
+    model.load_state_dict(state, strict=True)
     return model.to(device).eval().requires_grad_(False)
+
+
+def _model_part(layout: dict) -> dict:
+    return {k.removeprefix("model/"): v for k, v in layout.items() if k.startswith("model/")}
+
+
+def _read_teacher(path: Path, factories: dict[str, str]) -> tuple[dict, dict]:
+    """Read an hpcdistill checkpoint as a teacher: its model record must name a factory the job allows,
+    and the model that factory builds with the recorded args (sized on the meta device) must match the
+    file's tensors exactly, before any tensor data is read."""
+    def check(meta: dict, layout: dict) -> None:
+        if "arch" not in meta:
+            raise CheckpointError(path, "not a model checkpoint of hpcdistill (no model record)")
+        try:
+            spec, shape, classes = spec_from_record(meta["arch"], factories=factories, where=str(path))
+            want = sized_manifest(spec, shape, classes)
+        except ModelError as exc:
+            raise CheckpointError(path, str(exc).removeprefix(f"{path}: ")) from None
+        problem = diff_manifests(_model_part(layout), want, "the file", f"the model {spec.name} builds")
+        if problem:
+            raise CheckpointError(path, f"its tensors do not match its model record: {problem}")
+
+    return read_h5(path, check=check)
 
 
 class _Teachers:
@@ -54,9 +77,10 @@ class PeerTeachers(_Teachers):
     `wait_timeout` seconds and never for a peer that has finished or left).
     """
 
-    def __init__(self, exchange_dir: Path, *, comm, group: int, num_groups: int, arch: dict, device,
-                 max_staleness: int, policy: str = "drop", wait_timeout: float = 600.0):
-        self.comm, self.arch, self.device = comm, arch, device
+    def __init__(self, exchange_dir: Path, *, comm, group: int, num_groups: int, spec: ModelSpec, arch: dict,
+                 device, max_staleness: int, policy: str = "drop", wait_timeout: float = 600.0):
+        self.comm, self.spec, self.arch, self.device = comm, spec, arch, device
+        self.manifest = sized_manifest(spec, arch["input_shape"], arch["num_classes"])
         self.leader = comm.Get_rank() == 0
         self.max_staleness, self.policy, self.wait_timeout = max_staleness, policy, wait_timeout
         self.exchange = Exchange(exchange_dir, group=group, num_groups=num_groups) if self.leader else None
@@ -107,12 +131,14 @@ class PeerTeachers(_Teachers):
         meta = {"step": found.step, "final": bool(found.meta.get("health", {}).get("final"))} if found else None
         arrays, meta = bcast_tree(self.comm, found.arrays if found else None, meta)
         if arrays is not None:
-            self.current[peer] = (meta["step"], _model_from(arrays, self.arch, self.device), meta["final"])
+            model = self.spec.build(self.arch["input_shape"], self.arch["num_classes"])
+            self.current[peer] = (meta["step"], _frozen(model, model_arrays(arrays), self.device), meta["final"])
             self.loaded += 1
 
     def _find(self, peer: int, step: int, newer_than: int | None):
         oldest = max(0, step - self.max_staleness, -1 if newer_than is None else newer_than + 1)
-        found, rejections = self.exchange.freshest(peer, expect_arch=self.arch, min_step=oldest)
+        found, rejections = self.exchange.freshest(peer, expect_arch=self.arch, expect_manifest=self.manifest,
+                                                   min_step=oldest)
         for path, reason in rejections:
             self.rejected += 1
             log.warning("refused teacher %s: %s", path, reason)
@@ -197,21 +223,75 @@ def _check_fits(path, arch: dict, student: dict) -> None:
                                f"{student.get(key)}; distill on the dataset the teacher was trained on")
 
 
-class FixedTeachers(_Teachers):
-    """Distillation teachers: read and verified by the leader, broadcast to every rank of `comm`."""
+EXTERNAL_SUFFIXES = (".safetensors", ".pt", ".pth")
 
-    def __init__(self, paths, *, comm, device, student_arch: dict):
+
+def _read_external(path: Path, spec: ModelSpec, student: dict) -> dict:
+    """A plain state_dict from outside the toolkit (.safetensors, or torch.save's .pt read with
+    weights_only=True), for the model `spec` builds on the student's inputs; its tensors must match
+    that model's exactly (names, shapes, dtypes), checked before the data is loaded."""
+    want = sized_manifest(spec, student["input_shape"], student["num_classes"])
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt") as f:
+                have = {k: [list(f.get_slice(k).get_shape()), _st_dtype(f.get_slice(k).get_dtype())] for k in f.keys()}
+                problem = diff_manifests(have, want, "the file", f"the model {spec.name} builds")
+                if problem:
+                    raise TeacherError(f"{path}: does not fit the teacher model: {problem}; set "
+                                       "HPCDISTILL_TEACHER_MODEL and HPCDISTILL_TEACHER_MODEL_ARGS to the model "
+                                       "these weights were trained with")
+                return {k: f.get_tensor(k) for k in f.keys()}
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except TeacherError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a damaged or foreign file may fail anywhere in the reader
+        raise TeacherError(f"{path}: not a readable {path.suffix} state_dict ({type(exc).__name__}: {exc})") from None
+    if not (isinstance(state, dict) and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items())):
+        raise TeacherError(f"{path}: holds a {type(state).__name__}, not a state_dict of tensors; save "
+                           "model.state_dict() (or use `hpcdistill export`)")
+    problem = diff_manifests(manifest_of(state), want, "the file", f"the model {spec.name} builds")
+    if problem:
+        raise TeacherError(f"{path}: does not fit the teacher model: {problem}; set HPCDISTILL_TEACHER_MODEL "
+                           "and HPCDISTILL_TEACHER_MODEL_ARGS to the model these weights were trained with")
+    return state
+
+
+def _st_dtype(name: str) -> str:
+    """safetensors' dtype names (F32, BF16, I64 ...) as torch's ("float32" ...)."""
+    return {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
+            "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}.get(name, name)
+
+
+def manifest_of(state: dict) -> dict:
+    return {k: [list(v.shape), str(v.dtype).removeprefix("torch.")] for k, v in state.items()}
+
+
+class FixedTeachers(_Teachers):
+    """Distillation teachers: read and verified by the leader, broadcast to every rank of `comm`.
+
+    `student` is the student's ModelSpec and `teacher` the one HPCDISTILL_TEACHER_MODEL names (None:
+    the student's). hpcdistill checkpoints are rebuilt from their model record with one of those
+    factories (or a built-in one); .safetensors/.pt state_dicts with `teacher` itself."""
+
+    def __init__(self, paths, *, comm, device, student_arch: dict, student: ModelSpec, teacher: ModelSpec | None = None):
+        teacher = teacher or student
+        factories = {student.factory: student.variable, teacher.factory: teacher.variable}
         self.files, error, trees = [], None, []
         if comm.Get_rank() == 0:
             try:
                 self.files = resolve_teacher_files(paths)
                 for f in self.files:
-                    arrays, meta = read_h5(f)
-                    if "arch" not in meta:
-                        raise TeacherError(f"{f}: not a model checkpoint of hpcdistill (no architecture record)")
+                    if f.suffix in EXTERNAL_SUFFIXES:
+                        state = _read_external(f, teacher, student_arch)
+                        arch = teacher.record(student_arch["input_shape"], student_arch["num_classes"])
+                        trees.append(({f"model/{k}": v.numpy() for k, v in state.items()}, {"arch": arch}))
+                        continue
+                    arrays, meta = _read_teacher(f, factories)
                     _check_fits(f, meta["arch"], student_arch)
-                    trees.append((arrays, meta))
-            except (CheckpointError, TeacherError) as exc:
+                    trees.append((arrays, {"arch": meta["arch"]}))
+            except (CheckpointError, TeacherError, ModelError) as exc:
                 error = f"HPCDISTILL_TEACHERS: teacher refused: {exc}"
         _, head = bcast_tree(comm, None, {"error": error, "n": len(trees), "files": [str(f) for f in self.files]})
         if head["error"]:
@@ -220,7 +300,8 @@ class FixedTeachers(_Teachers):
         self.models, self.archs = [], []
         for i in range(head["n"]):
             arrays, meta = bcast_tree(comm, *(trees[i] if trees else (None, None)))
-            self.models.append(_model_from(arrays, meta["arch"], device))
+            model = build_from_record(meta["arch"], factories=factories, where=str(self.files[i]))
+            self.models.append(_frozen(model, model_arrays(arrays), device))
             self.archs.append(meta["arch"])
 
     @property

@@ -159,10 +159,10 @@ class Runner:
 def load_model(checkpoint: Path):
     """Rebuild a model from a checkpoint file alone: its arch record and its model arrays."""
     from hpcdistill.checkpoints import model_arrays, read_h5
-    from hpcdistill.models import build_model
+    from hpcdistill.models import build_from_record
 
     arrays, meta = read_h5(checkpoint)
-    model = build_model(meta["arch"])
+    model = build_from_record(meta["arch"], where=str(checkpoint))
     model.load_state_dict(model_arrays(arrays))
     return model.eval()
 
@@ -171,17 +171,16 @@ def predict(model, split_h5: Path, limit: int | None = None) -> tuple[np.ndarray
     """(logits, labels) over the first `limit` samples of a split, flattened per token for sequences."""
     import torch
 
-    from hpcdistill.data import eval_batches
+    from hpcdistill.data import eval_batches, open_source
 
-    logits, labels, seen = [], [], 0
+    split_h5 = Path(split_h5)
+    dataset = open_source(split_h5.parent.name, split_h5.parent.parent).dataset(split_h5.stem)
+    logits, labels = [], []
     with torch.no_grad():
-        for x, y in eval_batches(split_h5, batch_size=256):
+        for x, y in eval_batches(dataset, batch_size=256, limit=limit):
             z = model(x)
             logits.append(z.reshape(-1, z.shape[-1]).numpy())
             labels.append(y.reshape(-1).numpy())
-            seen += len(x)
-            if limit is not None and seen >= limit:
-                break
     return np.concatenate(logits), np.concatenate(labels)
 
 

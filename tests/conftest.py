@@ -65,6 +65,14 @@ def flip_stored_byte(path: Path, dataset: str, at: int = 0, mask: int = 0xFF) ->
         fh.write(bytes([byte ^ mask]))
 
 
+def builtin_model(name: str = "mlp", input_shape=(1, 8, 8), num_classes: int = 10, args: str | None = None):
+    """(model record, freshly built model) of a built-in model, as a training job would make them."""
+    from hpcdistill.models import resolve_model
+
+    spec = resolve_model(name, args)
+    return spec.record(input_shape, num_classes), spec.build(input_shape, num_classes)
+
+
 def summary(run_dir: Path) -> dict:
     return json.loads((Path(run_dir) / "summary.json").read_text())
 

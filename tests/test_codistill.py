@@ -9,10 +9,11 @@ from pathlib import Path
 
 import torch
 
-from conftest import ROOT, flip_stored_byte, metrics, run_mpi, summary, train
+from conftest import ROOT, builtin_model, flip_stored_byte, metrics, run_mpi, summary, train
 from hpcdistill.checkpoints import CheckpointManager, model_arrays
+from hpcdistill.data import open_source
 from hpcdistill.exchange import Exchange
-from hpcdistill.models import arch_for, build_model
+from hpcdistill.models import build_from_record
 from hpcdistill.training import evaluate as ev
 
 
@@ -55,9 +56,9 @@ def test_two_groups_codistill_on_four_ranks(tmp_path, data_dir):
     for g in (0, 1):
         path, arrays, meta = CheckpointManager(run / "checkpoints" / f"group-{g}").latest_valid()
         assert meta["step"] == 300
-        model = build_model(meta["arch"])
+        model = build_from_record(meta["arch"])
         model.load_state_dict(model_arrays(arrays))
-        p, labels = ev.predict_probs(model, data_dir / "digits" / "test.h5", batch_size=256, device="cpu")
+        p, labels = ev.predict_probs(model, open_source("digits", data_dir).dataset("test"), batch_size=256, device="cpu")
         probs.append(p)
     assert c["churn"] == float((probs[0].argmax(1) != probs[1].argmax(1)).mean())
     assert c["churn_samples"] == len(labels) == 360
@@ -66,11 +67,10 @@ def test_two_groups_codistill_on_four_ranks(tmp_path, data_dir):
 
 def _plant_bad_peer_files(exchange_dir: Path, data_dir: Path) -> dict[str, str]:
     """Write one bad checkpoint of each kind as group 1's newest files; return {file name: expected reason}."""
-    arch = arch_for("mlp", kind="image", input_shape=(1, 8, 8), num_classes=10)
     ex = Exchange(exchange_dir, group=1, num_groups=2, keep=10)
     healthy = {"train_loss": 0.5, "initial_loss": 2.3}
     torch.manual_seed(0)
-    model = build_model(arch)
+    arch, model = builtin_model("mlp")
     expected = {}
 
     path = ex.publish(1001, model, arch=arch, health=healthy)
@@ -81,10 +81,10 @@ def _plant_bad_peer_files(exchange_dir: Path, data_dir: Path) -> dict[str, str]:
     flip_stored_byte(path, "model/net.1.weight", at=100)
     expected[path.name] = "checksum"
 
-    small = arch_for("mlp-small", kind="image", input_shape=(1, 8, 8), num_classes=10)
-    expected[ex.publish(1003, build_model(small), arch=small, health=healthy).name] = "architecture"
+    small, small_model = builtin_model("mlp-small")
+    expected[ex.publish(1003, small_model, arch=small, health=healthy).name] = "architecture"
 
-    broken = build_model(arch)
+    broken = builtin_model("mlp")[1]
     with torch.no_grad():
         next(broken.parameters())[0, 0] = float("nan")
     expected[ex.publish(1004, broken, arch=arch, health=healthy).name] = "non-finite"
@@ -131,13 +131,13 @@ def test_stale_policy_wait_keeps_the_teacher_and_drop_loses_it(tmp_path, data_di
     first. Group 0 then gets more than MAX_STALENESS=20 steps ahead of every group-1 file: "drop"
     trains on without that teacher, "wait" holds group 0 back until group 1 has published a fresh
     enough one, so the teacher never goes."""
-    arch = arch_for("mlp", kind="image", input_shape=(1, 8, 8), num_classes=10)
     seen = {}
     for policy in ("drop", "wait"):
         run = tmp_path / policy
         torch.manual_seed(0)
+        arch, model = builtin_model("mlp")
         Exchange(run / "exchange", group=1, num_groups=2).publish(
-            1, build_model(arch), arch=arch, health={"train_loss": 2.0, "initial_loss": 2.3})
+            1, model, arch=arch, health={"train_loss": 2.0, "initial_loss": 2.3})
         train(2, run, mode="codistill", groups=2, data_dir=data_dir, steps=60, exchange_every=10, burn_in=10,
               max_staleness=20, stale_policy=policy, straggler_rank=1, straggler_delay=49, log_every=5, timeout=400)
         s = summary(run)

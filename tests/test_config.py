@@ -52,11 +52,16 @@ BAD = {
     "TEACHERS": (None, None),  # any path list is syntactically fine; checked with MODE=distill below
     "DISTILL_LOSS": ("mse", "soft"),
     "OMIT_CLASSES": ("three", "class indices"),
+    "MODEL_ARGS": ("[16]", "JSON object"),
+    "DATASET_ARGS": ("{width: 3}", "not valid JSON"),
+    "TEACHER_MODEL": (None, None),  # an import path or a name: checked before MPI (tests/test_userpkg.py)
+    "TEACHER_MODEL_ARGS": ("3", "JSON object"),
+    "LOADER_WORKERS": ("-1", "greater than or equal to 0"),
 }
 
 # Settings whose every non-empty value is syntactically valid (paths, names) are covered elsewhere:
 # they are checked against the filesystem before MPI starts (the last test of this file).
-FREE_FORM = {"DATASET", "DATA_DIR", "RUN_DIR", "MODEL", "EXCHANGE_DIR", "TEACHERS"}
+FREE_FORM = {"DATASET", "DATA_DIR", "RUN_DIR", "MODEL", "EXCHANGE_DIR", "TEACHERS", "TEACHER_MODEL"}
 
 
 def test_every_setting_has_a_bad_value_case():

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import summary, train
+from conftest import builtin_model, summary, train
 
 
 @pytest.fixture(scope="module")
@@ -55,10 +55,8 @@ def test_a_teacher_that_does_not_verify_is_refused_before_training(tmp_path, dat
 
 def test_a_teacher_for_another_dataset_is_refused_before_training(tmp_path, data_dir):
     from hpcdistill.checkpoints import CheckpointManager, capture
-    from hpcdistill.models import arch_for, build_model
-
-    arch = arch_for("mlp", kind="image", input_shape=(1, 8, 8), num_classes=5)  # digits has 10 classes
-    arrays, meta = capture(build_model(arch), step=1, arch=arch, rng=False)
+    arch, model = builtin_model("mlp", num_classes=5)  # digits has 10 classes
+    arrays, meta = capture(model, step=1, arch=arch, rng=False)
     path = CheckpointManager(tmp_path / "teacher").save(1, arrays, meta)
     proc = train(2, tmp_path / "run", check=False, mode="distill", teachers=path, data_dir=data_dir, steps=10)
     assert proc.returncode == 2, proc.stderr[-2000:]

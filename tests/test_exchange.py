@@ -8,10 +8,9 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import flip_stored_byte
+from conftest import builtin_model, flip_stored_byte
 from hpcdistill.checkpoints import model_arrays
 from hpcdistill.exchange import Exchange
-from hpcdistill.models import arch_for, build_model
 
 ARCH = {"name": "mlp", "sizes": [16, 16]}
 HEALTHY = {"train_loss": 1.0, "initial_loss": 2.3}
@@ -174,15 +173,17 @@ def test_a_group_that_left_is_not_waited_for(tmp_path):
     from hpcdistill.teachers import PeerTeachers
 
     MPI = init_mpi()
-    arch = arch_for("mlp", kind="image", input_shape=(1, 8, 8), num_classes=10)
-    model = build_model(arch)
+    from hpcdistill.models import resolve_model
+
+    spec = resolve_model("mlp")
+    arch, model = builtin_model("mlp")
     health = {"train_loss": 1.0, "initial_loss": 2.3}
     Exchange(tmp_path, group=1, num_groups=2).publish(10, model, arch=arch, health=health)
-    me = PeerTeachers(tmp_path, comm=MPI.COMM_SELF, group=0, num_groups=2, arch=arch, device="cpu",
+    me = PeerTeachers(tmp_path, comm=MPI.COMM_SELF, group=0, num_groups=2, spec=spec, arch=arch, device="cpu",
                       max_staleness=20, policy="wait", wait_timeout=30)
     me.refresh(10)
     assert me.models and me.current[1][0] == 10
-    peer = PeerTeachers(tmp_path, comm=MPI.COMM_SELF, group=1, num_groups=2, arch=arch, device="cpu",
+    peer = PeerTeachers(tmp_path, comm=MPI.COMM_SELF, group=1, num_groups=2, spec=spec, arch=arch, device="cpu",
                         max_staleness=20)
     peer.leave("diverged at step 12")
     assert Exchange(tmp_path, group=0, num_groups=2).gone(1)

@@ -139,8 +139,14 @@ def _from_bits(a: np.ndarray, name: str, key: str, path: Path) -> torch.Tensor:
     return torch.from_numpy(a.view(_INT_OF_WIDTH[a.dtype.itemsize])).view(dtype)
 
 
-def _read(path: Path, verify: bool) -> tuple[dict, dict]:
-    if not stat.S_ISREG(os.stat(path).st_mode):  # opening a FIFO would block
+def layout_dtype(dtype: np.dtype, torch_dtype: str | None) -> str:
+    """The torch dtype name a stored dataset stands for ("float32", "bfloat16", ...)."""
+    return torch_dtype if torch_dtype is not None else str(torch.from_numpy(np.empty(0, dtype)).dtype).removeprefix("torch.")
+
+
+def _read(path: Path, verify: bool, check) -> tuple[dict, dict]:
+    st = os.stat(path)
+    if not stat.S_ISREG(st.st_mode):  # opening a FIFO would block
         raise CheckpointError(path, "not a regular file")
     with open(path, "rb") as fh:
         head = fh.read(len(HDF5_SIGNATURE))
@@ -162,36 +168,58 @@ def _read(path: Path, verify: bool) -> tuple[dict, dict]:
             raise CheckpointError(path, f"unsupported format_version {version} (expected {FORMAT_VERSION})")
         meta_json = _text(f.attrs.get("meta", b""), "meta", path)
         stored = _text(f.attrs.get("sha256", b""), "sha256", path)
+        try:
+            meta = json.loads(meta_json)
+        except ValueError as e:
+            raise CheckpointError(path, f"wrong format: meta is not JSON ({e})") from None
+        if not isinstance(meta, dict):
+            raise CheckpointError(path, f"wrong format: meta is a JSON {type(meta).__name__}, not an object")
         datasets = []
         f.visititems(lambda key, obj: datasets.append((key, obj)) if isinstance(obj, h5py.Dataset) else None)
-        items = []
+        # Everything below is known from HDF5's metadata alone: refuse what this writer never makes (a
+        # layout that reads other files or decompresses, data that is declared but not in the file)
+        # before a single byte of data is read.
+        layout, declared = {}, 0
         for key, ds in datasets:
             if ds.dtype.kind not in _NUMERIC_KINDS:
                 raise CheckpointError(path, f"wrong format: dataset {key} has non-numeric dtype {ds.dtype}")
+            if ds.is_virtual or ds.external or ds.chunks is not None or ds.compression is not None:
+                raise CheckpointError(path, f"wrong format: dataset {key} is virtual, external, chunked or "
+                                            "compressed (hpcdistill writes plain contiguous datasets)")
             torch_dtype = ds.attrs.get("torch_dtype")
-            items.append((key, np.asarray(ds[()]),
-                          None if torch_dtype is None else _text(torch_dtype, f"{key}.torch_dtype", path)))
+            torch_dtype = None if torch_dtype is None else _text(torch_dtype, f"{key}.torch_dtype", path)
+            layout[key] = (tuple(int(n) for n in ds.shape), layout_dtype(ds.dtype, torch_dtype), torch_dtype)
+            declared += int(np.prod(ds.shape, dtype=np.float64)) * ds.dtype.itemsize
+        if declared > st.st_size:
+            raise CheckpointError(path, f"wrong format: datasets declare {declared} bytes, the file has "
+                                        f"{st.st_size}")
+        declared_layout = {k: [list(shape), dtype] for k, (shape, dtype, _) in layout.items()}
+        if "manifest" in meta and meta["manifest"] != declared_layout:
+            raise CheckpointError(path, "wrong format: the manifest in meta does not match the file's datasets")
+        if check is not None:
+            check(meta, declared_layout)
+        items = [(key, np.asarray(ds[()]), layout[key][2]) for key, ds in datasets]
     if verify:
         computed = _digest(items, meta_json)
         if computed != stored:
             raise CheckpointError(path, f"bad checksum (stored {stored[:12]}, computed {computed[:12]})")
-    try:
-        meta = json.loads(meta_json)
-    except ValueError as e:
-        raise CheckpointError(path, f"wrong format: meta is not JSON ({e})") from None
     arrays = {key: a if t is None else _from_bits(a, t, key, path) for key, a, t in items}
     return arrays, meta
 
 
-def read_h5(path, *, verify: bool = True) -> tuple[dict, dict]:
+def read_h5(path, *, verify: bool = True, check=None) -> tuple[dict, dict]:
     """Read a checkpoint: ({key: array}, meta). Raises only CheckpointError for an unusable file.
+
+    `check(meta, layout)`, with layout {key: [shape list, torch dtype name]} (the form of
+    `models.manifest`), runs after the metadata is read and before any data is: it may refuse the file
+    (raise CheckpointError) for what it declares, e.g. a model far larger than the one expected.
 
     Values are numpy arrays, except keys stored from a torch dtype numpy lacks (bfloat16, float8),
     which come back as torch tensors of that dtype; `to_tensor` turns either into a tensor.
     """
     path = Path(path)
     try:
-        return _read(path, verify)
+        return _read(path, verify, check)
     except CheckpointError:
         raise
     except FileNotFoundError:

@@ -8,7 +8,8 @@ checkpoint never needs pickle. Key layout:
     optimizer/state/<param idx>/<name>   every optimizer state tensor (momentum, exp_avg, step ...)
     rng/torch                            torch CPU generator state (uint8)
     extra/<name>                         caller's arrays (e.g. DC-ASGD mean-square buffers)
-    meta: step, data_state, arch, optimizer {param_groups, scalars}, rng {numpy, python}, + caller's
+    meta: step, data_state, arch (the model record), optimizer {param_groups, scalars},
+          rng {numpy, python}, manifest {key: [shape, dtype]} of every array, + caller's
 """
 
 from __future__ import annotations
@@ -18,9 +19,9 @@ import random
 import numpy as np
 import torch
 
-from .h5io import CheckpointError, to_tensor
+from .h5io import CheckpointError, layout_dtype, to_tensor
 
-_RESERVED = ("step", "data_state", "arch", "optimizer", "rng")
+_RESERVED = ("step", "data_state", "arch", "optimizer", "rng", "manifest")
 _JSON_SCALARS = (bool, int, float, str, type(None))
 
 
@@ -59,7 +60,14 @@ def capture(model, optimizer=None, *, step: int, data_state: dict | None = None,
                       "python": [version, list(mt), gauss_next]}
     for name, value in (extra or {}).items():
         arrays[f"extra/{name}"] = _snapshot(value) if isinstance(value, torch.Tensor) else np.array(value)
+    out["manifest"] = {k: [list(v.shape), _dtype_name(v)] for k, v in arrays.items()}
     return arrays, out
+
+
+def _dtype_name(value) -> str:
+    if isinstance(value, torch.Tensor):
+        return str(value.dtype).removeprefix("torch.")
+    return layout_dtype(np.asarray(value).dtype, None)
 
 
 def model_arrays(arrays: dict) -> dict[str, torch.Tensor]:

@@ -389,6 +389,13 @@ class AsyncUpdater:
         self._snap_counters = (int(version), self.clocks.split(values)[1].copy())
         with torch.no_grad():
             self._snap_flat.copy_(torch.from_numpy(self._snap_buf))
+            for mine, snap in zip(self._model.buffers(), self._snap_model.buffers()):
+                snap.copy_(mine)  # buffers (BatchNorm statistics) are this worker's own: see settle()
+
+    def settle(self, model) -> None:
+        """Buffers (BatchNorm running statistics) are not in the parameter windows: each worker keeps
+        its own, from its own batches, and the lead worker's are the ones evaluated, checkpointed and
+        published. Nothing to agree on."""
 
     def current_model(self, model):
         """A module holding a consistent snapshot of the group's global weights (exclusive locks on

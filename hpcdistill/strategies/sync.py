@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 
+import torch
 from mpi4py import MPI
 
 
@@ -42,6 +43,23 @@ class SyncUpdater:
 
     def finish(self) -> None:
         """Nothing to wait for: the group's ranks end the loop at the same step."""
+
+    def settle(self, model) -> None:
+        """Make the group's replicas agree on their buffers (BatchNorm running statistics), which each
+        rank updates from its own batches: they are averaged (collective in comm), before evaluation,
+        checkpoints and publishing. Parameters need nothing: the allreduce keeps them equal."""
+        buffers = [b for b in model.buffers() if b.is_floating_point()]
+        size = self.comm.Get_size()
+        if not buffers or size == 1:
+            return
+        flat = torch.cat([b.detach().reshape(-1).to("cpu", torch.float64) for b in buffers]).numpy()
+        self.comm.Allreduce(MPI.IN_PLACE, flat, op=MPI.SUM)
+        flat /= size
+        offset = 0
+        with torch.no_grad():
+            for b in buffers:
+                b.copy_(torch.from_numpy(flat[offset:offset + b.numel()]).view_as(b))
+                offset += b.numel()
 
     def current_model(self, model):
         """The weights to evaluate, checkpoint and publish: the local replica is the group's model."""

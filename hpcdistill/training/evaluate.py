@@ -14,16 +14,18 @@ def _flat(logits: torch.Tensor, y: torch.Tensor):
 
 
 @torch.no_grad()
-def evaluate(model, path, *, batch_size: int, device, comm=None) -> dict:
+def evaluate(model, dataset, *, batch_size: int, device, comm=None, workers: int = 0) -> dict:
     """Mean loss and accuracy over the split; each rank of `comm` takes its own slice, sums are reduced."""
     was_training = model.training
     model.eval()
     rank, size = (comm.Get_rank(), comm.Get_size()) if comm is not None else (0, 1)
-    sums = np.zeros(3)  # loss sum, correct, count
-    for x, y in eval_batches(path, batch_size=batch_size, rank=rank, size=size):
+    sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, count: one host sync
+    for x, y in eval_batches(dataset, batch_size=batch_size, rank=rank, size=size, workers=workers):
         logits, target = _flat(model(x.to(device)), y.to(device))
-        sums += [F.cross_entropy(logits, target, reduction="sum").item(),
-                 (logits.argmax(-1) == target).sum().item(), target.numel()]
+        sums += torch.stack([F.cross_entropy(logits.float(), target, reduction="sum").double(),
+                             (logits.argmax(-1) == target).sum().double(),
+                             torch.tensor(float(target.numel()), dtype=torch.float64, device=device)])
+    sums = sums.cpu().numpy()
     if comm is not None:
         from mpi4py import MPI
         comm.Allreduce(MPI.IN_PLACE, sums, op=MPI.SUM)
@@ -32,18 +34,15 @@ def evaluate(model, path, *, batch_size: int, device, comm=None) -> dict:
 
 
 @torch.no_grad()
-def predict_probs(model, path, *, batch_size: int, device, limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+def predict_probs(model, dataset, *, batch_size: int, device, limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Softmax outputs and labels over the first `limit` samples of a split (flattened per token)."""
     was_training = model.training
     model.eval()
-    probs, labels, seen = [], [], 0
-    for x, y in eval_batches(path, batch_size=batch_size):
+    probs, labels = [], []
+    for x, y in eval_batches(dataset, batch_size=batch_size, limit=limit):
         logits, target = _flat(model(x.to(device)), y.to(device))
         probs.append(F.softmax(logits.float(), -1).cpu().numpy())
         labels.append(target.cpu().numpy())
-        seen += x.shape[0]
-        if limit is not None and seen >= limit:
-            break
     model.train(was_training)
     return np.concatenate(probs), np.concatenate(labels)
 

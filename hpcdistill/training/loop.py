@@ -25,10 +25,10 @@ import torch
 from hpcdistill.checkpoints import CheckpointManager, capture, restore
 from hpcdistill.comm.broadcast import bcast_tree
 from hpcdistill.comm.topology import build_topology
-from hpcdistill.data import DataError, ShardReader, dataset_info
+from hpcdistill.data import DataError, TrainStream, open_source
 from hpcdistill.log import Progress, get_logger, setup_logging
 from hpcdistill.metrics import MetricsWriter, checkpoint_dir, metrics_path, write_json_atomic
-from hpcdistill.models import arch_for, build_model, count_parameters, default_model
+from hpcdistill.models import count_parameters, resolve_model
 from hpcdistill.teachers import FixedTeachers, PeerTeachers
 from hpcdistill.training import evaluate as ev
 from hpcdistill.training.objective import Objective
@@ -108,18 +108,18 @@ def _write_config(run_dir: Path, settings, topo, arch: dict) -> None:
 
 
 def _dataset_checked_once(settings, world):
-    """World rank 0 re-hashes the dataset's files (a damaged file is caught before training); the
-    other ranks read the attributes only, so the shared filesystem serves the files once, not N times."""
+    """World rank 0 re-hashes a prepared dataset's files (a damaged file is caught before training);
+    the other ranks read the attributes only, so the shared filesystem serves the files once, not N times."""
     error = None
     if world.Get_rank() == 0:
         try:
-            dataset_info(settings.data_dir, settings.dataset)
+            open_source(settings.dataset, settings.data_dir, settings.dataset_args, verify=True)
         except DataError as exc:
             error = str(exc)
     error = world.bcast(error, root=0)
     if error:
         raise DataError(error)
-    return dataset_info(settings.data_dir, settings.dataset, verify=False)
+    return open_source(settings.dataset, settings.data_dir, settings.dataset_args)
 
 
 def _finite(model: torch.nn.Module) -> bool:
@@ -144,13 +144,12 @@ class Trainer:
         s.check_world(topo.size)
         setup_logging(topo.tag(), speaker=topo.is_leader)
         self.run_dir = resolve_run_dir(s, topo.world)
-        self.info = _dataset_checked_once(s, topo.world)
-        model_name = s.model or default_model(self.info.kind)
-        self.arch = arch_for(model_name, kind=self.info.kind, input_shape=self.info.input_shape,
-                             num_classes=self.info.num_classes)
+        self.data = _dataset_checked_once(s, topo.world)
+        self.spec = resolve_model(s.model, s.model_args, kind=self.data.kind)
+        self.arch = self.spec.record(self.data.input_shape, self.data.num_classes)
         torch.manual_seed(s.seed * 1000 + topo.group)  # each group its own initialisation
-        self.model = build_model(self.arch).to(topo.device)
-        optimizer, self.peak_lr = make_optimizer(s, self.model, self.info.kind)
+        self.model = self.spec.build(self.data.input_shape, self.data.num_classes).to(topo.device)
+        optimizer, self.peak_lr = make_optimizer(s, self.model, self.data.kind)
         self.updater = make_updater(s, topo, self.model, optimizer)
         self.optimizer = self.updater.optimizer  # the one holding the state (Horovod wraps a copy)
         if topo.rank == 0:
@@ -167,15 +166,19 @@ class Trainer:
         if s.mode == "codistill" and s.codistill_target == "peers":
             self.teachers = PeerTeachers(
                 s.exchange_dir or self.run_dir / "exchange", comm=self.comm, group=topo.group,
-                num_groups=topo.num_groups, arch=self.arch, device=topo.device,
+                num_groups=topo.num_groups, spec=self.spec, arch=self.arch, device=topo.device,
                 max_staleness=s.max_staleness, policy=s.stale_policy)
         elif s.mode == "distill":
-            self.teachers = FixedTeachers(s.teacher_paths, comm=self.comm, device=topo.device, student_arch=self.arch)
-        self.objective = Objective(s, self.info.num_classes, self.teachers)
-        self.reader = ShardReader(
-            self.info.path / "train.h5", batch_size=s.batch_size, rank=self.comm.Get_rank(),
-            size=self.comm.Get_size(), group=topo.group, num_groups=topo.num_groups,
-            split=s.data_split, seed=s.seed, exclude_labels=s.omitted_classes if s.mode == "distill" else ())
+            teacher = (resolve_model(s.teacher_model, s.teacher_model_args, variable="HPCDISTILL_TEACHER_MODEL")
+                       if s.teacher_model else None)
+            self.teachers = FixedTeachers(s.teacher_paths, comm=self.comm, device=topo.device, student_arch=self.arch,
+                                          student=self.spec, teacher=teacher)
+        self.objective = Objective(s, self.data.num_classes, self.teachers)
+        self.reader = TrainStream(
+            self.data, batch_size=s.batch_size, rank=self.comm.Get_rank(), size=self.comm.Get_size(),
+            group=topo.group, num_groups=topo.num_groups, split=s.data_split, seed=s.seed,
+            exclude_labels=s.omitted_classes if s.mode == "distill" else (), workers=s.loader_workers,
+            device=topo.device)
         self.ckpts = CheckpointManager(checkpoint_dir(self.run_dir, topo.group, topo.num_groups),
                                        keep=s.keep_checkpoints) if self.speaker else None
         self.metrics = MetricsWriter(metrics_path(self.run_dir, topo.group, topo.num_groups), topo.group,
@@ -204,6 +207,7 @@ class Trainer:
     def _save(self, step: int) -> None:
         """The leader writes the file. Sync: collective, every rank's RNG goes into it (exact resume);
         async: the lead worker alone, with a consistent snapshot of the global weights."""
+        self.updater.settle(self.model)
         rng = torch.get_rng_state().numpy()
         if self.updater.synchronous:
             rngs = np.empty((self.comm.Get_size(), rng.size), np.uint8) if self.speaker else None
@@ -225,11 +229,13 @@ class Trainer:
 
     def _evaluate(self, split: str) -> dict | None:
         """Sync: the group's ranks share the work; async: the lead worker alone (no coupling)."""
+        self.updater.settle(self.model)
         comm = self.comm if self.updater.synchronous else None
         if comm is None and not self.speaker:
             return None
-        return ev.evaluate(self.updater.current_model(self.model), self.info.path / f"{split}.h5",
-                           batch_size=max(self.s.batch_size, 256), device=self.topo.device, comm=comm)
+        return ev.evaluate(self.updater.current_model(self.model), self.data.dataset(split),
+                           batch_size=max(self.s.batch_size, 256), device=self.topo.device, comm=comm,
+                           workers=self.s.loader_workers)
 
     # --- the loop ---------------------------------------------------------------------------------
     def run(self) -> int:
@@ -241,15 +247,13 @@ class Trainer:
         restored = self._restore()
         step = start = self.updater.begin(self.model, restored)
         if start != restored:  # async resume: this worker's own clock, not the lead's checkpointed step
-            spe = self.reader.steps_per_epoch
-            self.reader.load_state({"epoch": start // spe, "position": (start % spe) * s.batch_size})
+            self.reader.seek_step(start)
         progress = Progress(s.steps, start)
         samples, loss_ema, initial_loss = 0, None, None
         stopped = diverged = False
         while step < s.steps:
             t_step = time.perf_counter()
             x, y = self.reader.next_batch()
-            x, y = x.to(topo.device), y.to(topo.device)
             lr = lr_at(step, self.peak_lr, s.warmup_steps, s.steps)
             parts = self.updater.step(self.model, lambda: self.objective(self.model, x, y, step), lr)
             step += 1
@@ -262,6 +266,7 @@ class Trainer:
             if isinstance(self.teachers, PeerTeachers) and (step % s.exchange_every == 0 or step == s.burn_in
                                                             or (step > s.burn_in and self.teachers.due(step))):
                 if step % s.exchange_every == 0:
+                    self.updater.settle(self.model)
                     self.teachers.publish(step, self.updater.current_model(self.model),
                                           {"train_loss": loss_ema, "initial_loss": initial_loss})
                 self.teachers.refresh(step)
@@ -300,6 +305,7 @@ class Trainer:
         if diverged:
             return self._finish(None, stopped=False, diverged=step)
         if isinstance(self.teachers, PeerTeachers) and not stopped:
+            self.updater.settle(self.model)
             self.teachers.publish(step, self.updater.current_model(self.model),
                                   {"train_loss": loss_ema or 0.0, "initial_loss": initial_loss or 0.0}, final=True)
         return self._finish(self._group_result(step) if not stopped else None, stopped)
@@ -320,14 +326,14 @@ class Trainer:
             result["teachers"] = self.teachers.summary() if isinstance(self.teachers, PeerTeachers) else None
         if self.s.mode in ("codistill", "distill"):
             model = self.updater.current_model(self.model)
-            probs, labels = ev.predict_probs(model, self.info.path / "test.h5", batch_size=256,
-                                             device=self.topo.device, limit=ENSEMBLE_EVAL_LIMIT)
+            test = self.data.dataset("test")
+            probs, labels = ev.predict_probs(model, test, batch_size=256, device=self.topo.device,
+                                             limit=ENSEMBLE_EVAL_LIMIT)
             result["_probs"], result["_labels"] = probs, labels
             if self.s.mode == "distill":
-                tprobs = [ev.predict_probs(m, self.info.path / "test.h5", batch_size=256, device=self.topo.device,
-                                           limit=None)[0] for m in self.teachers.models]
-                _, all_labels = ev.predict_probs(model, self.info.path / "test.h5", batch_size=256,
-                                                 device=self.topo.device)
+                tprobs = [ev.predict_probs(m, test, batch_size=256, device=self.topo.device)[0]
+                          for m in self.teachers.models]
+                _, all_labels = ev.predict_probs(model, test, batch_size=256, device=self.topo.device)
                 result["distill"] = {
                     "teachers": [str(f) for f in self.teachers.files],
                     "teacher_test_accuracy": ev.ensemble_accuracy(tprobs, all_labels),
