@@ -28,7 +28,7 @@ def bcast_tree(comm, arrays: dict | None = None, meta: dict | None = None, root:
         if arrays is None:
             manifest = {"none": True, "meta": meta}
         else:
-            arrays = {k: np.ascontiguousarray(v) for k, v in arrays.items()}
+            arrays = {k: np.asarray(v, order="C") for k, v in arrays.items()}  # keeps 0-d arrays 0-d
             manifest = {"keys": [[k, a.dtype.str, list(a.shape)] for k, a in sorted(arrays.items())], "meta": meta}
     manifest = json.loads(_bcast_bytes(comm, json.dumps(manifest).encode() if is_root else None, root))
     if manifest.get("none"):

@@ -112,9 +112,11 @@ class ShardSampler:
 
 
 def _loader(dataset, batch_sampler, workers: int, pin: bool, persistent: bool = True) -> DataLoader:
+    # Its own generator: a DataLoader draws a seed for its workers from `generator` at every iterator
+    # it makes, which would otherwise shift the training process's RNG (dropout) on a resume.
     return DataLoader(dataset, batch_sampler=batch_sampler, num_workers=workers, collate_fn=collate,
                       pin_memory=pin, persistent_workers=persistent and workers > 0,
-                      prefetch_factor=2 if workers else None)
+                      prefetch_factor=2 if workers else None, generator=torch.Generator())
 
 
 def shuffle_block(rows: int, chunk_rows: int, num_groups: int) -> int:
