@@ -1,4 +1,4 @@
-"""Command line: doctor · config · data prepare|import · train · report.
+"""Command line: doctor · config · data prepare|import · train · export · report.
 
 Settings are validated before anything touches MPI, so a bad variable costs a second, not a queue wait.
 """
@@ -23,6 +23,15 @@ def _settings_or_exit():
 
 def cmd_config(args) -> int:
     settings = _settings_or_exit()
+    from hpcdistill import preflight
+    from hpcdistill.data import DataError
+    from hpcdistill.models import ModelError
+
+    try:
+        preflight.check_code(settings, need_data=False)
+    except (ConfigError, DataError, ModelError) as exc:
+        print(f"hpcdistill: {exc}", file=sys.stderr)
+        return 2
     rows = describe(settings)
     if args.json:
         import json
@@ -49,7 +58,9 @@ def cmd_data(args) -> int:
             verb = "wrote" if wrote else "kept (valid; --force rebuilds)"
         else:
             path = import_arrays(args.name, args.x, args.y, data_dir, val_fraction=args.val_fraction,
-                                 test_fraction=args.test_fraction, seed=settings.seed)
+                                 test_fraction=args.test_fraction, seed=settings.seed, x_val=args.x_val,
+                                 y_val=args.y_val, x_test=args.x_test, y_test=args.y_test, kind=args.kind,
+                                 num_classes=args.num_classes, x_scale=args.x_scale)
     except DataError as exc:
         print(f"hpcdistill: {exc}", file=sys.stderr)
         return 2
@@ -91,6 +102,18 @@ def _abort_world(code: int) -> int:
     return code
 
 
+def cmd_export(args) -> int:
+    from hpcdistill.export import ExportError, export
+
+    try:
+        for path in export(Path(args.checkpoint), fmt=args.format, out=Path(args.out) if args.out else None):
+            print(f"wrote {path}")
+    except ExportError as exc:
+        print(f"hpcdistill: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def cmd_doctor(args) -> int:
     from hpcdistill.doctor import run_doctor
 
@@ -121,14 +144,30 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("name")
     pr.add_argument("--data-dir", default=None)
     pr.add_argument("--force", action="store_true", help="rebuild even if valid files exist")
-    im = dsub.add_parser("import", help="turn X.npy / Y.npy into the same HDF5 layout")
+    im = dsub.add_parser("import", help="turn X.npy / Y.npy into the same HDF5 layout (datasets/README.md)")
     im.add_argument("name")
-    im.add_argument("--x", required=True)
-    im.add_argument("--y", required=True)
+    im.add_argument("--x", required=True, help="inputs .npy: (N, ...) numbers (image) or (N, L) token ids (text)")
+    im.add_argument("--y", required=True, help="labels .npy: (N,) class labels (image) or (N, L) next tokens (text)")
+    for split in ("val", "test"):
+        im.add_argument(f"--x-{split}", default=None, help=f"your own {split} inputs (with all of --x-val, "
+                        f"--y-val, --x-test, --y-test: no random split)")
+        im.add_argument(f"--y-{split}", default=None, help=f"your own {split} labels")
+    im.add_argument("--kind", choices=("image", "text"), default="image",
+                    help="image: classification of fixed-shape inputs (default); text: integer token ids")
+    im.add_argument("--num-classes", type=int, default=None,
+                    help="classes (image) or vocabulary size (text); default: largest label + 1")
+    im.add_argument("--x-scale", type=float, default=None,
+                    help="image only: the loader multiplies x by it (default 1/255 for uint8 x, else 1)")
     im.add_argument("--data-dir", default=None)
-    im.add_argument("--val-fraction", type=float, default=0.1)
-    im.add_argument("--test-fraction", type=float, default=0.1)
+    im.add_argument("--val-fraction", type=float, default=None, help="random split only (default 0.1)")
+    im.add_argument("--test-fraction", type=float, default=None, help="random split only (default 0.1)")
     data.set_defaults(func=cmd_data)
+
+    e = sub.add_parser("export", help="write a checkpoint's model weights as .safetensors or a torch state_dict")
+    e.add_argument("checkpoint", help="a checkpoint .h5 file, or a run directory (each group's newest checkpoint)")
+    e.add_argument("--format", choices=("safetensors", "torch"), default="safetensors")
+    e.add_argument("--out", default=None, help="output file (one checkpoint) or directory (default: beside it)")
+    e.set_defaults(func=cmd_export)
 
     t = sub.add_parser("train", help="the batch job (under mpirun or srun); HPCDISTILL_MODE picks the mode")
     t.set_defaults(func=cmd_train)

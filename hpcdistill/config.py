@@ -17,6 +17,9 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 PREFIX = "HPCDISTILL_"
+# Classes (or a vocabulary) beyond this are not a dataset anyone trains here but a mistake or a crafted
+# file: labels are indices into logits, so 10^9 classes would be a 4 GB output layer.
+MAX_CLASSES = 1_000_000
 
 
 class ConfigError(Exception):

@@ -17,6 +17,7 @@ import torch
 from hpcdistill.config import ConfigError
 from hpcdistill.data import DataError, eval_batches, open_source
 from hpcdistill.models import ModelError, resolve_model
+from hpcdistill.teachers import teacher_spec
 
 
 def check_code(settings, *, need_data: bool = True) -> None:
@@ -33,8 +34,7 @@ def check_code(settings, *, need_data: bool = True) -> None:
         if source or settings.model else None
     if source is not None and spec is not None:
         check_output(spec.name, spec.build(source.input_shape, source.num_classes), source)
-    if settings.teacher_model:
-        resolve_model(settings.teacher_model, settings.teacher_model_args, variable="HPCDISTILL_TEACHER_MODEL")
+    teacher_spec(settings, source.kind if source else None)
 
 
 def check(settings) -> None:

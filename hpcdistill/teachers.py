@@ -20,7 +20,7 @@ from hpcdistill.checkpoints import CheckpointError, CheckpointManager, model_arr
 from hpcdistill.comm.broadcast import bcast_tree
 from hpcdistill.exchange import Exchange
 from hpcdistill.log import get_logger
-from hpcdistill.models import (ModelError, ModelSpec, build_from_record, count_parameters, diff_manifests, manifest, sized_manifest,
+from hpcdistill.models import (ModelError, ModelSpec, build_from_record, count_parameters, resolve_model, diff_manifests, sized_manifest,
                                spec_from_record)
 
 log = get_logger("teachers")
@@ -224,6 +224,15 @@ def _check_fits(path, arch: dict, student: dict) -> None:
 
 
 EXTERNAL_SUFFIXES = (".safetensors", ".pt", ".pth")
+
+
+def teacher_spec(settings, kind: str) -> ModelSpec | None:
+    """The factory HPCDISTILL_TEACHER_MODEL names, with HPCDISTILL_TEACHER_MODEL_ARGS; unset, the student's
+    factory with those args (None when neither is set: teachers then use the student's spec)."""
+    if not (settings.teacher_model or settings.teacher_model_args):
+        return None
+    return resolve_model(settings.teacher_model or settings.model, settings.teacher_model_args, kind=kind,
+                         variable="HPCDISTILL_TEACHER_MODEL")
 
 
 def _read_external(path: Path, spec: ModelSpec, student: dict) -> dict:

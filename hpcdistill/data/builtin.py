@@ -7,15 +7,21 @@ standard library's sources, so `hpcdistill data prepare` works on compute nodes 
 from __future__ import annotations
 
 import hashlib
+import math
+import mmap
 import os
 import re
+import shutil
 import sys
 import sysconfig
 from pathlib import Path
 
+import h5py
 import numpy as np
 
-from hpcdistill.data.format import DataError, dataset_info, write_split
+from hpcdistill.atomic import fsync_dir
+from hpcdistill.config import MAX_CLASSES
+from hpcdistill.data.format import CHUNK_BYTES, SPLITS, DataError, dataset_info, write_split, write_split_blocks
 
 BUILTIN_DATASETS = {
     "digits": "scikit-learn's 1797 handwritten digits, 8x8 grey images, 10 classes",
@@ -28,6 +34,10 @@ MIN_CORPUS_CHARS = 1_000_000
 REPLACEMENT = "\x1a"  # ASCII SUB stands for every character outside printable ASCII and "\n"
 SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
 MIN_PER_SPLIT = 10
+IMPORT_KINDS = ("image", "text")
+_INT64_MAX = int(np.iinfo(np.int64).max)
+_FOLIO = 512 * mmap.PAGESIZE  # the largest page-cache folio a page fault may map (a PMD: 2 MiB on x86-64)
+_WINDOW = 4 * 2**20  # a gather reads this much of a mapped file at a time, then releases it
 
 
 def prepare(name: str, data_dir, *, seed: int = 0, force: bool = False) -> tuple[Path, bool]:
@@ -124,21 +134,175 @@ def _text(seed: int):
         yield split, (x, y), attrs
 
 
-def import_arrays(name: str, x_path, y_path, data_dir, *, val_fraction: float = 0.1,
-                  test_fraction: float = 0.1, seed: int = 0) -> Path:
-    """Turn a user's x.npy (N, ...) numbers and y.npy (N,) class labels into a dataset; return its dir.
+def import_arrays(name: str, x_path, y_path, data_dir, *, val_fraction: float | None = None,
+                  test_fraction: float | None = None, seed: int = 0, x_val=None, y_val=None, x_test=None,
+                  y_test=None, kind: str = "image", num_classes: int | None = None,
+                  x_scale: float | None = None) -> Path:
+    """Turn a user's .npy arrays into DATA_DIR/NAME/{train,val,test}.h5; return the directory.
 
-    The split is a seeded random permutation; x is stored as float32 (kind "image")."""
+    kind "image": x (N, ...) numbers, y (N,) class labels; uint8 x stays uint8 (with the file attribute
+    x_scale, 1/255 unless given, for the loader to apply), other x becomes float32, y int64.
+    kind "text": x and y (N, L) integer token ids (y usually x shifted by one), stored as kind
+    "sequence" in the smallest of uint8/uint16/int32 that holds the vocabulary (num_classes).
+
+    With x_val, y_val, x_test and y_test (all four) the user's split is kept (val/test in file
+    order); otherwise a seeded random split (val_fraction / test_fraction, 0.1 each by default).
+    Train rows are written in a seeded random order. The .npy files are memory-mapped and copied
+    block by block (labels, token ids and finiteness checked on the way), so memory stays at a few
+    blocks whatever their size. Everything is written into DATA_DIR/.NAME.tmp-<pid> and renamed to
+    DATA_DIR/NAME only when complete (replacing an older NAME then); on any error nothing is left
+    and DataError says why."""
+    _check_import_args(name, kind, num_classes, x_scale)
+    own = {"x_val": x_val, "y_val": y_val, "x_test": x_test, "y_test": y_test}
+    own_split = all(v is not None for v in own.values())
+    if not own_split and any(v is not None for v in own.values()):
+        missing = ", ".join("--" + k.replace("_", "-") for k, v in own.items() if v is None)
+        raise DataError(f"your own split needs all four of --x-val, --y-val, --x-test, --y-test (missing "
+                        f"{missing}); give them all, or none for a seeded random split")
+    if own_split and (val_fraction is not None or test_fraction is not None):
+        raise DataError("--val-fraction/--test-fraction size the random split; with your own --x-val/--y-val/"
+                        "--x-test/--y-test there is none: drop the fractions")
+    if not own_split:
+        val_fraction = 0.1 if val_fraction is None else val_fraction
+        test_fraction = 0.1 if test_fraction is None else test_fraction
+        if not (0 < val_fraction < 1 and 0 < test_fraction < 1 and val_fraction + test_fraction < 1):
+            raise DataError(f"val_fraction={val_fraction} and test_fraction={test_fraction} must each be in "
+                            f"(0, 1) and sum to less than 1")
+    text = kind == "text"
+    data_dir = Path(data_dir)
+    final = data_dir / name
+    if final.is_symlink() or (final.exists() and not final.is_dir()):
+        raise DataError(f"{final} exists and is not a directory (a file or a symbolic link); move it away "
+                        f"or import under another name")
+    tmp = data_dir / f".{name}.tmp-{os.getpid()}"
+    try:
+        paths = {"train": (Path(x_path), Path(y_path))}
+        if own_split:
+            paths.update(val=(Path(x_val), Path(y_val)), test=(Path(x_test), Path(y_test)))
+        arrays = {s: (_load_npy(xp, "x"), _load_npy(yp, "y")) for s, (xp, yp) in paths.items()}
+        for s, (xp, yp) in paths.items():
+            _check_pair(*arrays[s], xp, yp, text)
+        x0, _ = arrays["train"]
+        for s, (x, _) in arrays.items():
+            if x.shape[1:] != x0.shape[1:]:
+                raise DataError(f"{paths[s][0]}: rows of shape {x.shape[1:]}, but {paths['train'][0]} has rows "
+                                f"of shape {x0.shape[1:]}; every split's samples must have the same shape")
+        n = len(x0)
+        if own_split:
+            plan = {"train": ("train", np.random.default_rng(seed).permutation(n)),
+                    "val": ("val", np.arange(len(arrays["val"][0]))),
+                    "test": ("test", np.arange(len(arrays["test"][0])))}
+            for s, (src, rows) in plan.items():
+                if len(rows) < MIN_PER_SPLIT:
+                    raise DataError(f"{paths[src][0]} has {len(rows)} samples for the {s} split; every split "
+                                    f"needs at least {MIN_PER_SPLIT}")
+            source = (f"imported from train {paths['train'][0].resolve()}, {paths['train'][1].resolve()}; val "
+                      f"{paths['val'][0].resolve()}, {paths['val'][1].resolve()}; test {paths['test'][0].resolve()}, "
+                      f"{paths['test'][1].resolve()} (the given split; val/test in file order); train rows in "
+                      f"random order, seed {seed}")
+        else:
+            n_val, n_test = round(n * val_fraction), round(n * test_fraction)
+            sizes = {"train": n - n_val - n_test, "val": n_val, "test": n_test}
+            if min(sizes.values()) < MIN_PER_SPLIT:
+                raise DataError(f"{x_path} has {n} samples, which splits into {sizes}; every split needs at "
+                                f"least {MIN_PER_SPLIT}: supply more samples or change the val/test fractions")
+            perm = np.random.default_rng(seed).permutation(n)
+            plan = {"train": ("train", perm[n_val + n_test:]),  # random order (block-wise shuffles mix classes)
+                    "val": ("train", np.sort(perm[:n_val])), "test": ("train", np.sort(perm[n_val:n_val + n_test]))}
+            source = (f"imported from {Path(x_path).resolve()} and {Path(y_path).resolve()}; random split "
+                      f"val {val_fraction} / test {test_fraction}, seed {seed}; train rows in random order")
+
+        stats = {"max": -1}
+        limit = num_classes if num_classes is not None else MAX_CLASSES
+        extra = None
+        if text:
+            vocab = num_classes
+            if vocab is None and any(a.dtype.itemsize > 1 for pair in arrays.values() for a in pair):
+                # the stored dtype depends on the vocabulary size: find it (one read of the token files)
+                vocab = 1 + max(_scan_max(a, p, "token id", stats) for s in arrays
+                                for a, p in zip(arrays[s], paths[s]))
+            x_store = y_store = np.dtype(_token_dtype(vocab if vocab is not None else 256))
+            stored_kind = "sequence"
+        else:
+            xs = {s: a[0].dtype for s, a in arrays.items()}
+            if len({d == np.uint8 for d in xs.values()}) > 1:
+                dtypes = ", ".join(f"{s}: {d}" for s, d in xs.items())
+                raise DataError(f"the x files mix uint8 with other dtypes ({dtypes}); save them with the same "
+                                f"dtype so that every split is scaled alike")
+            x_store, y_store = np.dtype(np.uint8 if x0.dtype == np.uint8 else np.float32), np.dtype(np.int64)
+            if x_scale is None:
+                x_scale = 1 / 255 if x_store == np.uint8 else 1.0
+            extra = {"x_scale": float(x_scale)}
+            stored_kind = "image"
+        provisional = num_classes if num_classes is not None else max(stats["max"] + 1, 0)
+
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+        for split in SPLITS:
+            src, rows = plan[split]
+            (x, y), (xp, yp) = arrays[src], paths[src]
+            ids = dict(limit=limit, given=num_classes is not None, stats=stats)
+            write_split_blocks(
+                tmp, split,
+                _x_blocks(x, rows, x_store, xp, ids if text else None),
+                _y_blocks(y, rows, y_store, yp, ids, "token id" if text else "label"),
+                rows=len(rows), x_shape=x.shape[1:], x_dtype=x_store, y_shape=y.shape[1:], y_dtype=y_store,
+                name=name, kind=stored_kind, num_classes=provisional, source=source, extra_attrs=extra)
+        if stats["max"] < 1:
+            what = "token ids" if text else "labels"
+            raise DataError(f"{paths['train'][1]}: all {what} are 0; "
+                            + ("a vocabulary needs at least two tokens" if text else
+                               "classification needs at least two classes"))
+        final_classes = num_classes if num_classes is not None else stats["max"] + 1
+        if final_classes != provisional:
+            for split in SPLITS:
+                _set_num_classes(tmp / f"{split}.h5", final_classes)
+        del arrays, x0  # unmap the inputs
+        _move_into_place(tmp, final)
+    except BaseException as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, DataError):
+            raise
+        if isinstance(exc, (ValueError, MemoryError, OSError)):
+            raise DataError(f"importing {name!r} failed ({type(exc).__name__}: {exc}); nothing was written "
+                            f"to {final}") from exc
+        raise
+    return final
+
+
+def _check_import_args(name: str, kind: str, num_classes, x_scale) -> None:
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
         raise DataError(f"dataset name {name!r} must be letters, digits, '.', '_' or '-' (it becomes a "
                         f"directory name); choose another name")
     if name in BUILTIN_DATASETS:
         raise DataError(f"{name!r} is a built-in dataset (`hpcdistill data prepare {name}`); import your "
                         f"arrays under another name")
-    if not (0 < val_fraction < 1 and 0 < test_fraction < 1 and val_fraction + test_fraction < 1):
-        raise DataError(f"val_fraction={val_fraction} and test_fraction={test_fraction} must each be in "
-                        f"(0, 1) and sum to less than 1")
-    x, y = _load_npy(x_path, "x"), _load_npy(y_path, "y")
+    if kind not in IMPORT_KINDS:
+        raise DataError(f"kind {kind!r} is not one of {IMPORT_KINDS} (image: classification of fixed-shape "
+                        f"inputs; text: integer token ids)")
+    if num_classes is not None and not (isinstance(num_classes, (int, np.integer)) and not isinstance(num_classes, bool)
+                                        and 2 <= num_classes <= MAX_CLASSES):
+        raise DataError(f"--num-classes {num_classes!r} must be an integer in 2..{MAX_CLASSES:,} "
+                        f"({'the vocabulary size' if kind == 'text' else 'the number of classes'})")
+    if x_scale is not None:
+        if kind != "image":
+            raise DataError("--x-scale applies to images only (token ids are not scaled); drop it")
+        if not (isinstance(x_scale, (int, float, np.floating)) and math.isfinite(x_scale) and x_scale > 0):
+            raise DataError(f"--x-scale {x_scale!r} must be a positive finite number (the loader multiplies x by it)")
+
+
+def _check_pair(x: np.ndarray, y: np.ndarray, x_path: Path, y_path: Path, text: bool) -> None:
+    """Shapes and dtypes of one split's x and y (their values are checked block by block later)."""
+    if text:
+        if x.dtype.kind not in "iu" or x.ndim != 2:
+            raise DataError(f"{x_path}: text x must be integer token ids of shape (N, L), one sequence of "
+                            f"L tokens per row, got dtype {x.dtype} shape {x.shape}; e.g. np.save(path, "
+                            f"ids.reshape(-1, L).astype(np.int32))")
+        if y.dtype.kind not in "iu" or y.shape != x.shape:
+            raise DataError(f"{y_path}: text y must be integer token ids of x's shape {x.shape} (usually the "
+                            f"next token of each position), got dtype {y.dtype} shape {y.shape}")
+        return
     if x.dtype.kind not in "fiub" or x.ndim < 2:
         raise DataError(f"{x_path}: x must be a numeric array of shape (N, ...) with one row per sample, "
                         f"got dtype {x.dtype} shape {x.shape}; e.g. np.save(path, x.reshape(len(x), -1)"
@@ -149,42 +313,157 @@ def import_arrays(name: str, x_path, y_path, data_dir, *, val_fraction: float = 
     if len(x) != len(y):
         raise DataError(f"{x_path} has {len(x)} samples but {y_path} has {len(y)} labels; they must be "
                         f"the same length, row i of x labelled by y[i]")
-    if len(y) and y.min() < 0:
-        raise DataError(f"{y_path}: labels must be non-negative (found {int(y.min())}); map your classes "
-                        f"to 0..C-1, e.g. with np.unique(y, return_inverse=True)[1]")
-    x = x.astype(np.float32)
-    if not np.isfinite(x).all():
-        raise DataError(f"{x_path}: x holds NaN or infinite values (after conversion to float32); clean "
-                        f"or rescale them before importing")
-    n = len(y)
-    n_val, n_test = round(n * val_fraction), round(n * test_fraction)
-    sizes = {"train": n - n_val - n_test, "val": n_val, "test": n_test}
-    if min(sizes.values()) < MIN_PER_SPLIT:
-        raise DataError(f"{x_path} has {n} samples, which splits into {sizes}; every split needs at least "
-                        f"{MIN_PER_SPLIT}: supply more samples or change the val/test fractions")
-    num_classes = int(y.max()) + 1
-    if num_classes < 2:
-        raise DataError(f"{y_path}: all labels are 0; classification needs at least two classes")
-    perm = np.random.default_rng(seed).permutation(n)
-    rows_of = {"val": perm[:n_val], "test": perm[n_val:n_val + n_test], "train": perm[n_val + n_test:]}
-    source = (f"imported from {Path(x_path).resolve()} and {Path(y_path).resolve()}; random split "
-              f"val {val_fraction} / test {test_fraction}, seed {seed}")
-    path = Path(data_dir) / name
-    for split in ("train", "val", "test"):
-        rows = np.sort(rows_of[split])
-        write_split(path, split, x[rows], y[rows].astype(np.int64), name=name, kind="image",
-                    num_classes=num_classes, source=source)
-    return path
+
+
+def _token_dtype(vocab: int):
+    """The smallest dtype that holds token ids 0..vocab-1 (int32 beyond uint16: MAX_CLASSES fits)."""
+    return np.uint8 if vocab <= 2**8 else np.uint16 if vocab <= 2**16 else np.int32
+
+
+def _block_rows(shape, dtype) -> int:
+    return max(1, CHUNK_BYTES // max(1, np.dtype(dtype).itemsize * int(np.prod(shape))))
+
+
+def _release(arr: np.ndarray, lo: int, hi: int) -> None:
+    """Drop the mapped pages around rows lo..hi-1 of a memory-mapped array from this process's
+    resident set (they stay in the page cache). A fault may map a whole large page-cache folio (up to
+    _FOLIO bytes) around the byte touched, so the range is widened to whole folios."""
+    mm = getattr(arr, "_mmap", None)
+    if mm is None or not hasattr(mm, "madvise") or not hasattr(mmap, "MADV_DONTNEED"):
+        return
+    row_bytes = arr.itemsize * int(np.prod(arr.shape[1:]))
+    begin = arr.offset - arr.offset % mmap.ALLOCATIONGRANULARITY  # where numpy's mapping starts in the file
+    a = max(begin, (arr.offset + lo * row_bytes) // _FOLIO * _FOLIO) - begin
+    b = min(len(mm), -(-(arr.offset + hi * row_bytes) // _FOLIO) * _FOLIO - begin)
+    if b > a:
+        try:
+            mm.madvise(mmap.MADV_DONTNEED, a, b - a)
+        except (OSError, ValueError):
+            pass
+
+
+def _gather(arr: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """arr[rows] as an in-memory array. The rows are read in file order, a window of the file at a
+    time, and each window's pages are released right after, so the resident memory stays at about one
+    block plus one window however the rows are spread over the file."""
+    order = np.argsort(rows, kind="stable")
+    ordered = rows[order]
+    out = np.empty((len(rows), *arr.shape[1:]), arr.dtype)
+    row_bytes = max(1, arr.itemsize * int(np.prod(arr.shape[1:])))
+    window = ordered * row_bytes // _WINDOW
+    cuts = [0, *(np.flatnonzero(np.diff(window)) + 1).tolist(), len(rows)]
+    for a, b in zip(cuts[:-1], cuts[1:]):
+        lo, hi = int(ordered[a]), int(ordered[b - 1]) + 1
+        out[order[a:b]] = arr[lo:hi] if hi - lo == b - a else arr[ordered[a:b]]
+        _release(arr, lo, hi)
+    return out
+
+
+def _first_row(mask: np.ndarray, rows: np.ndarray) -> int:
+    return int(rows[np.argmax(mask.reshape(len(mask), -1).any(axis=1))])
+
+
+def _check_ids(block: np.ndarray, rows: np.ndarray, path: Path, what: str, *, limit: int, given: bool,
+               stats: dict) -> None:
+    """Every id in `block` (rows `rows` of `path`) must be in [0, limit); track the largest seen."""
+    if block.size == 0:
+        return
+    lo, hi = int(block.min()), int(block.max())
+    fix = ("map your classes to 0..C-1, e.g. y = np.unique(y, return_inverse=True)[1]" if what == "label" else
+           "map your tokens to 0..V-1, e.g. ids = np.unique(ids, return_inverse=True)[1]")
+    if lo < 0:
+        raise DataError(f"{path}: {what}s must be non-negative (found {lo} at row "
+                        f"{_first_row(block < 0, rows)}); {fix}")
+    if hi >= limit:
+        at = f"{what} {hi} at row {_first_row(block >= limit, rows)}"
+        if hi > _INT64_MAX:
+            raise DataError(f"{path}: {at} does not fit int64 (uint64 values above 2**63-1 are refused, not "
+                            f"wrapped around to negative numbers); {fix}")
+        if hi >= MAX_CLASSES:
+            raise DataError(f"{path}: {at} is beyond the bound of {MAX_CLASSES:,} "
+                            f"{'classes' if what == 'label' else 'tokens'} (MAX_CLASSES): {what}s must be "
+                            f"indices 0..C-1 with C <= {MAX_CLASSES:,}; {fix}")
+        raise DataError(f"{path}: {at} is outside [0, {limit}) set by --num-classes {limit}; pass "
+                        f"--num-classes {hi + 1} (or leave it out: max + 1), or {fix}")
+    stats["max"] = max(stats["max"], hi)
+
+
+def _scan_max(arr: np.ndarray, path: Path, what: str, stats: dict) -> int:
+    """The largest id in `arr`, read block by block (ids are checked on the way)."""
+    step = _block_rows(arr.shape[1:], arr.dtype)
+    for a in range(0, len(arr), step):
+        rows = np.arange(a, min(a + step, len(arr)))
+        _check_ids(_gather(arr, rows), rows, path, what, limit=MAX_CLASSES, given=False, stats=stats)
+    return stats["max"]
+
+
+def _x_blocks(x: np.ndarray, rows: np.ndarray, store: np.dtype, path: Path, ids: dict | None):
+    """Rows `rows` of x as stored (`store`), block by block; `ids` (text): check them as token ids."""
+    step = _block_rows(x.shape[1:], store)
+    for a in range(0, len(rows), step):
+        at = rows[a:a + step]
+        block = _gather(x, at)
+        if ids is not None:
+            _check_ids(block, at, path, "token id", **ids)
+        elif block.dtype.kind == "f":
+            with np.errstate(over="ignore", invalid="ignore"):
+                block = block.astype(store)
+            bad = ~np.isfinite(block)
+            if bad.any():
+                raise DataError(f"{path}: x holds NaN or infinite values (after conversion to float32), "
+                                f"first in row {_first_row(bad, at)}; clean or rescale them before importing")
+        yield block.astype(store, copy=False)
+
+
+def _y_blocks(y: np.ndarray, rows: np.ndarray, store: np.dtype, path: Path, ids: dict, what: str):
+    step = _block_rows(y.shape[1:], y.dtype)
+    for a in range(0, len(rows), step):
+        at = rows[a:a + step]
+        block = _gather(y, at)
+        _check_ids(block, at, path, what, **ids)
+        yield block.astype(store)
+
+
+def _set_num_classes(path: Path, num_classes: int) -> None:
+    with h5py.File(path, "r+") as f:
+        f.attrs["num_classes"] = int(num_classes)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _move_into_place(tmp: Path, final: Path) -> None:
+    """Rename the complete tmp directory to `final`; an existing `final` is set aside first and
+    removed only once the new one is in place (put back if the rename fails)."""
+    fsync_dir(tmp)
+    if not final.exists():
+        os.rename(tmp, final)
+    else:
+        old = final.with_name(f".{final.name}.old-{os.getpid()}")
+        if old.exists():
+            shutil.rmtree(old)
+        os.rename(final, old)
+        try:
+            os.rename(tmp, final)
+        except BaseException:
+            os.rename(old, final)
+            raise
+        fsync_dir(final.parent)
+        shutil.rmtree(old, ignore_errors=True)
+    fsync_dir(final.parent)
 
 
 def _load_npy(path, what: str) -> np.ndarray:
+    """Memory-map a .npy file (never read whole, never unpickled)."""
     path = Path(path)
     try:
-        arr = np.load(path, allow_pickle=False)
+        arr = np.load(path, mmap_mode="r", allow_pickle=False)
     except FileNotFoundError:
         raise DataError(f"{what} file {path} does not exist; pass the path of a .npy file") from None
     except ValueError as e:
-        if "pickle" in str(e).lower():
+        if "pickle" in str(e).lower() or "object" in str(e).lower():
             raise DataError(f"{path} holds Python objects (it needs pickle, which is refused for safety); "
                             f"save a plain numeric array, e.g. np.save(path, np.asarray({what}, "
                             f"dtype=np.float32))") from None
@@ -194,4 +473,7 @@ def _load_npy(path, what: str) -> np.ndarray:
     if not isinstance(arr, np.ndarray):
         arr.close()
         raise DataError(f"{path} is an .npz archive; save the {what} array alone with np.save(path, {what})")
+    if arr.ndim > 1 and not arr.flags.c_contiguous:
+        raise DataError(f"{path} is stored in Fortran (column) order, which spreads every sample over the "
+                        f"whole file; save it row by row: np.save(path, np.ascontiguousarray({what}))")
     return arr

@@ -61,26 +61,72 @@ def write_split(directory: Path, split: str, x: np.ndarray, y: np.ndarray, *, na
     x, y = np.ascontiguousarray(x), np.ascontiguousarray(y)
     if len(x) != len(y) or len(x) == 0:
         raise ValueError(f"{split}: x has {len(x)} rows and y {len(y)}; need the same, non-zero")
+    return write_split_blocks(directory, split, _row_blocks(x), _row_blocks(y), rows=len(x),
+                              x_shape=x.shape[1:], x_dtype=x.dtype, y_shape=y.shape[1:], y_dtype=y.dtype,
+                              name=name, kind=kind, num_classes=num_classes, source=source, vocab=vocab)
+
+
+def write_split_blocks(directory: Path, split: str, x_blocks, y_blocks, *, rows: int, x_shape, x_dtype,
+                       y_shape, y_dtype, name: str, kind: str, num_classes: int, source: str,
+                       vocab: str | None = None, extra_attrs: dict | None = None) -> Path:
+    """Write one split file atomically from row blocks, so its data never has to be in memory at once.
+
+    `x_blocks` yields arrays of shape (k, *x_shape) and dtype `x_dtype` (exactly: nothing is cast
+    here), `rows` rows in all; it is consumed completely before `y_blocks` (the same for y). The
+    sha256 (over x's bytes then y's, as stored) is computed from the blocks as they are written.
+    `extra_attrs` adds file attributes (it may not replace the standard ones). ValueError if the
+    blocks do not match the declared shape, dtype or row count; the file is then not created."""
+    x_shape, y_shape = tuple(int(d) for d in x_shape), tuple(int(d) for d in y_shape)
+    x_dtype, y_dtype = np.dtype(x_dtype), np.dtype(y_dtype)
+    if rows <= 0:
+        raise ValueError(f"{split}: {rows} rows; a split needs at least one")
+    attrs = {"format": FORMAT, "format_version": FORMAT_VERSION, "name": name, "kind": kind,
+             "num_classes": int(num_classes), "input_shape": np.asarray(x_shape, np.int64),
+             "source": source, "split": split}
+    if vocab is not None:
+        attrs["vocab"] = vocab
+    clash = set(extra_attrs or ()) & (set(attrs) | {"sha256", "vocab"})
+    if clash:
+        raise ValueError(f"extra_attrs may not set the standard attributes {sorted(clash)}")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     final = directory / f"{split}.h5"
+    digest = hashlib.sha256()
     with atomic_path(final) as tmp:
         with h5py.File(tmp, "w") as f:
-            for key, arr in (("x", x), ("y", y)):
-                f.create_dataset(key, data=arr, chunks=_chunks(arr))
-            attrs = {"format": FORMAT, "format_version": FORMAT_VERSION, "name": name, "kind": kind,
-                     "num_classes": int(num_classes), "input_shape": np.asarray(x.shape[1:], np.int64),
-                     "source": source, "split": split, "sha256": _digest([x], [y])}
-            if vocab is not None:
-                attrs["vocab"] = vocab
+            for key, blocks, shape, dtype in (("x", x_blocks, x_shape, x_dtype), ("y", y_blocks, y_shape, y_dtype)):
+                ds = f.create_dataset(key, shape=(rows, *shape), dtype=dtype, chunks=_chunk_shape(rows, shape, dtype))
+                at = 0
+                for block in blocks:
+                    if not isinstance(block, np.ndarray) or block.dtype != dtype or block.shape[1:] != shape:
+                        raise ValueError(f"{split}.{key}: a block of {type(block).__name__} "
+                                         f"{getattr(block, 'dtype', '?')} {getattr(block, 'shape', '?')} does "
+                                         f"not match the declared (k, *{shape}) {dtype}")
+                    if at + len(block) > rows:
+                        raise ValueError(f"{split}.{key}: the blocks hold more than the declared {rows} rows")
+                    if len(block):
+                        block = np.ascontiguousarray(block)
+                        ds[at:at + len(block)] = block
+                        digest.update(block)
+                        at += len(block)
+                if at != rows:
+                    raise ValueError(f"{split}.{key}: the blocks hold {at} rows, {rows} were declared")
+            attrs["sha256"] = digest.hexdigest()
+            attrs.update(extra_attrs or {})
             f.attrs.update(attrs)
     return final
 
 
-def _chunks(arr: np.ndarray) -> tuple[int, ...]:
-    row_bytes = max(1, arr[:1].nbytes)
-    rows = max(1, min(len(arr), CHUNK_BYTES // row_bytes))
-    return (rows, *arr.shape[1:])
+def _chunk_shape(rows: int, shape: tuple[int, ...], dtype: np.dtype) -> tuple[int, ...]:
+    """Chunks along the first axis, about CHUNK_BYTES each."""
+    row_bytes = max(1, dtype.itemsize * int(np.prod(shape)))
+    return (max(1, min(rows, CHUNK_BYTES // row_bytes)), *shape)
+
+
+def _row_blocks(arr: np.ndarray):
+    step = _chunk_shape(len(arr), arr.shape[1:], arr.dtype)[0]
+    for a in range(0, len(arr), step):
+        yield arr[a:a + step]
 
 
 def _blocks(ds):

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from hpcdistill.config import MAX_CLASSES
 from hpcdistill.imports import check_json_value, is_import_path, json_object, load_callable
 from hpcdistill.models import builtin
 from hpcdistill.models.builtin import ModelError
@@ -29,7 +30,6 @@ __all__ = ["MODELS", "ModelEntry", "ModelError", "ModelSpec", "BUILTIN_FACTORIES
            "default_model", "manifest", "resolve_model", "spec_from_record"]
 
 # A record's num_classes and input size beyond these are not a model anyone trains here: a crafted file.
-MAX_CLASSES = 1_000_000
 MAX_INPUT_ELEMENTS = 2**28
 
 

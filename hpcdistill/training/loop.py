@@ -29,7 +29,7 @@ from hpcdistill.data import DataError, TrainStream, open_source
 from hpcdistill.log import Progress, get_logger, setup_logging
 from hpcdistill.metrics import MetricsWriter, checkpoint_dir, metrics_path, write_json_atomic
 from hpcdistill.models import count_parameters, resolve_model
-from hpcdistill.teachers import FixedTeachers, PeerTeachers
+from hpcdistill.teachers import FixedTeachers, PeerTeachers, teacher_spec
 from hpcdistill.training import evaluate as ev
 from hpcdistill.training.objective import Objective
 
@@ -169,10 +169,8 @@ class Trainer:
                 num_groups=topo.num_groups, spec=self.spec, arch=self.arch, device=topo.device,
                 max_staleness=s.max_staleness, policy=s.stale_policy)
         elif s.mode == "distill":
-            teacher = (resolve_model(s.teacher_model, s.teacher_model_args, variable="HPCDISTILL_TEACHER_MODEL")
-                       if s.teacher_model else None)
             self.teachers = FixedTeachers(s.teacher_paths, comm=self.comm, device=topo.device, student_arch=self.arch,
-                                          student=self.spec, teacher=teacher)
+                                          student=self.spec, teacher=teacher_spec(s, self.data.kind))
         self.objective = Objective(s, self.data.num_classes, self.teachers)
         self.reader = TrainStream(
             self.data, batch_size=s.batch_size, rank=self.comm.Get_rank(), size=self.comm.Get_size(),
