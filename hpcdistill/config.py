@@ -28,9 +28,14 @@ class ConfigError(Exception):
     exit_code = 2
 
 
+def _ascii_digits(text: str) -> bool:
+    """"12" yes; "²" or "١٢" (non-ASCII digits, which str.isdigit accepts) no."""
+    return text.isascii() and text.isdigit()
+
+
 def _ranks(text: str) -> tuple[int, ...]:
     items = [t.strip() for t in text.split(",") if t.strip()]
-    if not items or not all(t.isdigit() for t in items):
+    if not items or not all(_ascii_digits(t) for t in items):
         raise ValueError("expected a comma-separated list of non-negative ranks, e.g. 0 or 0,1")
     ranks = tuple(int(t) for t in items)
     if len(set(ranks)) != len(ranks):
@@ -42,7 +47,8 @@ class Settings(BaseSettings):
     """The resolved settings of one run (frozen: every rank sees the same values)."""
 
     model_config = SettingsConfigDict(
-        env_prefix=PREFIX, case_sensitive=False, frozen=True, extra="ignore", env_ignore_empty=True
+        env_prefix=PREFIX, case_sensitive=False, frozen=True, extra="ignore", env_ignore_empty=True,
+        allow_inf_nan=False,  # LR=inf passed validation and ended in a NaN summary
     )
 
     mode: Literal["sync", "codistill", "async", "distill"] = Field(
@@ -74,7 +80,7 @@ class Settings(BaseSettings):
     momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum")
     weight_decay: float = Field(0.0, ge=0, description="weight decay (Sodhani et al. 2020: lower it when codistilling)")
     warmup_steps: int = Field(20, ge=0, description="linear learning-rate warm-up steps, then cosine decay")
-    seed: int = Field(0, ge=0, description="base seed; everything is reproducible from it")
+    seed: int = Field(0, ge=0, le=2**31 - 1, description="base seed; everything is reproducible from it")
     eval_every: int = Field(50, gt=0, description="steps between validation passes")
     log_every: int = Field(10, gt=0, description="steps between progress lines and metrics records")
     checkpoint_every: int = Field(100, gt=0, description="steps between checkpoints")
@@ -152,7 +158,7 @@ class Settings(BaseSettings):
     @field_validator("omit_classes")
     @classmethod
     def _check_classes(cls, value: str) -> str:
-        if value and not all(c.strip().isdigit() for c in value.split(",")):
+        if value and not all(_ascii_digits(c.strip()) for c in value.split(",")):
             raise ValueError("expected comma-separated class indices, e.g. 3 or 3,5")
         return value
 
@@ -223,6 +229,9 @@ class Settings(BaseSettings):
                 f"HPCDISTILL_STRAGGLER_RANK={self.straggler_rank}: no such rank in a world of {world_size}")
 
 
+EMPTY_MEANS_UNSET = {PREFIX + "STALENESS_BOUND"}  # documented: empty = unbounded
+
+
 def launcher_world_size() -> int | None:
     """The world size as the launcher announces it, so cross-checks run before MPI_Init."""
     env = os.environ
@@ -235,6 +244,10 @@ def launcher_world_size() -> int | None:
 def load_settings() -> Settings:
     """Parse and validate the environment; raise ConfigError with a message for users."""
     known = {PREFIX + name.upper() for name in Settings.model_fields}
+    empty = sorted(k for k, v in os.environ.items() if k.upper() in known - EMPTY_MEANS_UNSET and not v.strip())
+    if empty:  # `HPCDISTILL_MODE=` silently ran sync: an empty value is a mistake, not a choice
+        raise ConfigError(", ".join(f"{k}={os.environ[k]!r}" for k in empty) + ": set but empty; give a value, or "
+                          "unset the variable (`unset NAME`, or leave it out of --export) for the default")
     unknown = sorted(k for k in os.environ if k.upper().startswith(PREFIX) and k.upper() not in known)
     if unknown:
         hints = []

@@ -184,3 +184,19 @@ def test_free_form_settings_are_checked_against_the_filesystem_before_mpi(tmp_pa
     assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert want in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr and not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("name,value,phrase", [
+    ("LR", "inf", "finite number"), ("WEIGHT_DECAY", "inf", "finite number"), ("TEMPERATURE", "nan", "finite number"),
+    ("DC_LAMBDA", "inf", "finite number"), ("STRAGGLER_DELAY", "inf", "finite number"),
+    ("SEED", "1e20", "valid integer"), ("SEED", str(2**31), "less than or equal to 2147483647"),
+    ("OMIT_CLASSES", "\u00b2", "class indices"), ("PARAM_HOSTS", "\u0661", "non-negative ranks"),
+    ("MODE", "", "set but empty"), ("MODEL", " ", "set but empty"), ("TEACHERS", "", "set but empty"),
+])
+def test_values_that_once_slipped_through_are_refused(env, name, value, phrase):
+    """inf passed the float checks (runs ended in exit 3 or a NaN summary), a huge seed overflowed, a
+    superscript two passed isdigit(), and an empty HPCDISTILL_MODE silently ran sync."""
+    env.setenv(PREFIX + name, value)
+    with pytest.raises(ConfigError) as exc:
+        load_settings()
+    assert f"{PREFIX}{name}={value!r}" in str(exc.value) and phrase in str(exc.value), str(exc.value)
