@@ -16,7 +16,7 @@ import torch
 
 from hpcdistill.config import ConfigError
 from hpcdistill.data import DataError, eval_batches, open_source
-from hpcdistill.models import ModelError, resolve_model
+from hpcdistill.models import ModelError, resolve_model, sized_manifest
 from hpcdistill.teachers import teacher_spec
 
 
@@ -33,6 +33,8 @@ def check_code(settings, *, need_data: bool = True) -> None:
     spec = resolve_model(settings.model, settings.model_args, kind=source.kind if source else None) \
         if source or settings.model else None
     if source is not None and spec is not None:
+        if settings.mode in ("codistill", "distill"):  # peers and teachers are sized on the meta device
+            sized_manifest(spec, source.input_shape, source.num_classes)
         check_output(spec.name, spec.build(source.input_shape, source.num_classes), source)
     teacher_spec(settings, source.kind if source else None)
 

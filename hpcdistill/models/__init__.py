@@ -41,11 +41,12 @@ class ModelEntry:
     about: str
 
 
-BUILTIN_FACTORIES = {f"hpcdistill.models.builtin:{f.__name__}": f for f in (builtin.mlp, builtin.cnn, builtin.charlm)}
-_MLP, _CNN, _LM = BUILTIN_FACTORIES  # their paths, in that order
+_MLP, _CNN, _LM = (f"hpcdistill.models.builtin:{f.__name__}" for f in (builtin.mlp, builtin.cnn, builtin.charlm))
+BUILTIN_FACTORIES = {_MLP: builtin.mlp, _CNN: builtin.cnn, _LM: builtin.charlm}
 
-# The single source of truth for built-in models: config validation, `hpcdistill config`, the docs and
-# the tests all read this table. Head width of the char LMs is 32 throughout (heads = d_model / 32).
+# The single source of truth for built-in models: resolve_model (and so the checks before MPI and the
+# error that lists valid names) and the tests read this table. Head width of the char LMs is 32
+# throughout (heads = d_model / 32).
 MODELS: dict[str, ModelEntry] = {
     "mlp": ModelEntry("image", _MLP, {"hidden": [256, 256], "dropout": 0.1},
                       "image MLP, 2 x 256 ReLU, dropout 0.1 (default for images)"),
