@@ -98,6 +98,13 @@ class Settings(BaseSettings):
         500, gt=0, description="oldest peer checkpoint (steps behind) still used as a teacher")
     stale_policy: Literal["drop", "wait"] = Field(
         "drop", description="a peer beyond MAX_STALENESS: drop its term (default) or wait for it")
+    stale_wait: float = Field(
+        60.0, gt=0, le=3600, description="seconds a group waits for a peer's fresh teacher under STALE_POLICY=wait "
+                                         "(well below the templates' 300 s USR2 lead; a stop signal cuts it short)")
+    exchange_id: Optional[str] = Field(
+        None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$",
+        description="the id shared by the jobs of one codistillation; exchange files and claims of another id are "
+                    "refused (default: this run's id, so no other run's files are used)")
     burn_in: int = Field(50, ge=0, description="steps before the distillation term starts")
     distill_weight: float = Field(
         0.5, ge=0, description="alpha, the weight of the distillation term (<= 1 in distill mode)")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import stat
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,16 +50,19 @@ def _non_finite_key(arrays: dict) -> str | None:
 
 
 def _same_model(path: Path, expect: dict | None):
-    """A read_h5 check: the file's model tensors are exactly those of the model this group trains
-    (names, shapes, dtypes), known before any data is read; None checks nothing."""
+    """A read_h5 check: the file holds exactly the tensors of the model this group trains (names,
+    shapes, dtypes) and nothing else, known before any data is read; None checks nothing."""
     if expect is None:
         return None
 
     def check(meta: dict, layout: dict) -> None:
         have = {k.removeprefix("model/"): v for k, v in layout.items() if k.startswith("model/")}
+        others = sorted(k for k in layout if not k.startswith("model/"))
+        if others:
+            raise CheckpointError(path, f"wrong format: an exchange file holds model tensors only, not {others[:3]}")
         if have != expect:
             problem = diff_manifests(have, expect, "the file", "this group's model")
-            raise CheckpointError(path, f"another architecture: {problem}")
+            raise CheckpointError(path, f"another architecture: {problem}", "architecture")
     return check
 
 
@@ -69,10 +73,11 @@ class Exchange:
     """One group's view of the exchange directory (used by group leaders only)."""
 
     def __init__(self, directory, *, group: int, num_groups: int, keep: int = 3,
-                 divergence_ratio: float = 4.0):
+                 divergence_ratio: float = 4.0, exchange_id: str | None = None):
         if not 0 <= group < num_groups:
             raise ValueError(f"group {group} is not in 0..{num_groups - 1}")
         self.directory = Path(directory)
+        self.exchange_id = exchange_id  # files of another codistillation (another id) are refused
         self.group = group
         self.num_groups = num_groups
         self.divergence_ratio = divergence_ratio
@@ -89,7 +94,7 @@ class Exchange:
         "finite" is added here from the weights themselves.
         """
         arrays, meta = capture(model, step=step, arch=arch, rng=False,
-                               meta={"group": self.group, "time": time.time()})
+                               meta={"group": self.group, "time": time.time(), "exchange_id": self.exchange_id})
         meta["health"] = {**health, "finite": _non_finite_key(arrays) is None}
         (self._group_dir(self.group) / GONE).unlink(missing_ok=True)  # publishing again (resumed)
         return self._own.save(step, arrays, meta)
@@ -104,37 +109,49 @@ class Exchange:
         with atomic_path(path) as tmp:
             tmp.write_text(json.dumps({"group": self.group, "reason": reason, "time": time.time()}))
 
+    def newest_step(self, peer: int) -> int | None:
+        files = numbered_files(self._group_dir(peer))
+        return files[0][0] if files else None
+
     def gone(self, peer: int) -> bool:
         return (self._group_dir(peer) / GONE).exists()
 
-    def _problem(self, peer: int, step: int, arrays: dict, meta: dict, expect_arch: dict) -> str | None:
-        """Why a verified file must not be used as a teacher, or None."""
+    def _problem(self, peer: int, step: int, arrays: dict, meta: dict, expect_arch: dict) -> tuple[str, str] | None:
+        """(code, reason) why a verified file must not be used as a teacher, or None. The metadata is
+        the file's own word: any type is possible, and a wrong one is a refusal, not a crash."""
+        if self.exchange_id is not None and meta.get("exchange_id") != self.exchange_id:
+            return "another-run", f"another run: {meta.get('exchange_id')!r} (this codistillation is {self.exchange_id!r})"
         if meta.get("group") != peer:
-            return f"group mismatch: file says group {meta.get('group')}, found in group-{peer}"
+            return "mismatch", f"group mismatch: file says group {meta.get('group')!r}, found in group-{peer}"
         if meta.get("step") != step:
-            return f"step mismatch: file name says {step}, meta says {meta.get('step')}"
+            return "mismatch", f"step mismatch: file name says {step}, meta says {meta.get('step')!r}"
         expected = json.loads(json.dumps(expect_arch))  # compare as stored: tuples become lists
         if meta.get("arch") != expected:
-            return f"architecture {meta.get('arch')} but expected {expected}"
+            return "architecture", f"architecture {meta.get('arch')} but expected {expected}"
         bad_key = _non_finite_key(arrays)
         if bad_key is not None:
-            return f"non-finite (NaN/inf) weights in {bad_key}"
-        health = meta.get("health") or {}
+            return "non-finite", f"non-finite (NaN/inf) weights in {bad_key}"
+        health = meta.get("health")
+        if not isinstance(health, dict):
+            return "format", f"health record is a {type(health).__name__}, not an object"
         if health.get("finite") is False:
-            return "publisher reported non-finite weights"
+            return "non-finite", "publisher reported non-finite weights"
         loss, initial = health.get("train_loss"), health.get("initial_loss")
+        for name, value in (("train_loss", loss), ("initial_loss", initial)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+                return "format", f"health {name} is a {type(value).__name__}, not a number"
         if loss is not None and not math.isfinite(loss):
-            return f"diverged: train_loss={loss}"
+            return "diverged", f"diverged: train_loss={loss}"
         if loss is not None and initial is not None and math.isfinite(initial) \
                 and loss > self.divergence_ratio * initial:
-            return f"diverged: train_loss {loss:.4g} > {self.divergence_ratio:g} x initial_loss {initial:.4g}"
+            return "diverged", f"diverged: train_loss {loss:.4g} > {self.divergence_ratio:g} x initial_loss {initial:.4g}"
         return None
 
     def freshest(self, peer: int, *, expect_arch: dict, expect_manifest: dict | None = None,
                  min_step: int | None = None,
                  exclude_path_steps: set | None = None
                  ) -> tuple[PeerCheckpoint | None, list[tuple[Path, str]]]:
-        """The newest usable checkpoint of `peer`, and the files refused on the way as [(path, reason)].
+        """The newest usable checkpoint of `peer`, and the files refused on the way as [(path, code, reason)].
 
         Files with step < min_step are not read (pass the step of the teacher in hand + 1 to read only
         newer ones). Files whose step or path is in `exclude_path_steps` are skipped. A refused file
@@ -152,22 +169,28 @@ class Exchange:
             if step in exclude or path in exclude:
                 continue
             try:
-                st = path.stat()
+                st = path.lstat()
             except FileNotFoundError:
                 continue
             signature = (st.st_ino, st.st_mtime_ns, st.st_size)
             if rejected.get(path) == signature:
                 continue
-            try:
-                arrays, meta = read_h5(path, check=_same_model(path, expect_manifest))
-            except CheckpointError as e:
-                if not os.path.exists(path):  # deleted by the writer's rotation meanwhile
-                    continue
-                reason = e.reason
+            if stat.S_ISLNK(st.st_mode):  # a link could lead out of the exchange directory
+                code, reason = "symlink", "a symbolic link (the exchange directory holds files only)"
             else:
-                reason = self._problem(peer, step, arrays, meta, expect_arch)
-                if reason is None:
+                try:
+                    arrays, meta = read_h5(path, check=_same_model(path, expect_manifest))
+                    problem = self._problem(peer, step, arrays, meta, expect_arch)
+                except CheckpointError as e:
+                    if not os.path.exists(path):  # deleted by the writer's rotation meanwhile
+                        continue
+                    problem = (e.code, e.reason)
+                except Exception as e:  # noqa: BLE001 - nothing a file holds may crash the reader
+                    problem = ("format", f"unusable ({type(e).__name__}: {e})")
+                if problem is None:
                     return PeerCheckpoint(peer, step, path, arrays, meta), rejections
-            rejected[path] = signature
-            rejections.append((path, reason))
+                code, reason = problem
+            if code != "io":  # a transient read error is tried again next time
+                rejected[path] = signature
+            rejections.append((path, code, reason))
         return None, rejections

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -57,7 +58,7 @@ def _read_teacher(path: Path, factories: dict[str, str]) -> tuple[dict, dict]:
         if problem:
             raise CheckpointError(path, f"its tensors do not match its model record: {problem}")
 
-    return read_h5(path, check=check)
+    return read_h5(path, check=check, keep=lambda key: key.startswith("model/"))  # optimizer state: hashed only
 
 
 class _Teachers:
@@ -74,23 +75,31 @@ class PeerTeachers(_Teachers):
     A peer further than `max_staleness` steps behind is dropped from the loss (policy "drop", the
     default: a very stale teacher slows training down, Anil et al. 2018, and waiting would couple the
     groups that codistillation keeps independent), or waited for (policy "wait", bounded by
-    `wait_timeout` seconds and never for a peer that has finished or left).
+    `wait_timeout` seconds, cut short by a stop signal, and never for a peer that has finished, left
+    or stopped). A peer never seen after burn-in is waited for too under "wait"; under "drop" it is
+    named once in the log. Every refusal is counted by its reason.
     """
 
     def __init__(self, exchange_dir: Path, *, comm, group: int, num_groups: int, spec: ModelSpec, arch: dict,
-                 device, max_staleness: int, policy: str = "drop", wait_timeout: float = 600.0):
+                 device, max_staleness: int, policy: str = "drop", wait_timeout: float = 60.0,
+                 exchange_id: str | None = None, stop=lambda: False):
         self.comm, self.spec, self.arch, self.device = comm, spec, arch, device
         self.manifest = sized_manifest(spec, arch["input_shape"], arch["num_classes"])
         self.leader = comm.Get_rank() == 0
         self.max_staleness, self.policy, self.wait_timeout = max_staleness, policy, wait_timeout
-        self.exchange = Exchange(exchange_dir, group=group, num_groups=num_groups) if self.leader else None
+        self.stop = stop
+        self.exchange = Exchange(exchange_dir, group=group, num_groups=num_groups,
+                                 exchange_id=exchange_id) if self.leader else None
         self.peers = [g for g in range(num_groups) if g != group]
         self.current: dict[int, tuple[int, torch.nn.Module, bool]] = {}  # peer -> (step, model, final)
-        self.published = self.loaded = self.rejected = 0
+        self.published = self.loaded = 0
+        self.rejected_by_reason: Counter = Counter()
         self.staleness: list[int] = []
+        self.steps_without_teacher = 0  # steps with the distillation term on and a peer's teacher missing
         self.publish_seconds = self.load_seconds = 0.0
         self.dropped = self.waits = 0
         self.wait_seconds = 0.0  # time held back by policy "wait" (not counted in load_seconds)
+        self._missing_said: set[int] = set()
 
     @property
     def models(self) -> list[torch.nn.Module]:
@@ -104,7 +113,8 @@ class PeerTeachers(_Teachers):
             self.published += 1
 
     def leave(self, reason: str) -> None:
-        """This group stops publishing (it diverged): its peers stop waiting for it."""
+        """This group publishes nothing more for now (it diverged, or stopped on a signal and will
+        resume): its peers stop waiting for it. Publishing again clears the mark."""
         if self.leader:
             self.exchange.mark_gone(reason)
 
@@ -114,7 +124,7 @@ class PeerTeachers(_Teachers):
         teachers, so all of them decide alike and the collective refresh stays matched."""
         return any(step - peer_step > self.max_staleness for peer_step, _, _ in self.current.values())
 
-    def refresh(self, step: int) -> None:
+    def refresh(self, step: int, burn_in: int = 0) -> None:
         """Leader looks for fresher peer checkpoints; the group receives them (collective in comm)."""
         t, waited = time.perf_counter(), self.wait_seconds
         for peer in self.peers:
@@ -123,25 +133,52 @@ class PeerTeachers(_Teachers):
             if self.leader:
                 found = self._find(peer, step, newer_than=have[0] if have else None)
             self._receive(peer, found)
+            if peer not in self.current and step >= burn_in:
+                self._missing(peer, step)
         self._enforce_staleness(step)
         self.load_seconds += time.perf_counter() - t - (self.wait_seconds - waited)
 
+    def _missing(self, peer: int, step: int) -> None:
+        """No teacher from `peer` at all after burn-in: wait for one ("wait"), or say so once ("drop")."""
+        if self.policy == "wait":
+            self._wait_for(peer, step)
+            if peer in self.current:
+                return
+        if self.leader and peer not in self._missing_said:
+            self._missing_said.add(peer)
+            newest = self.exchange.newest_step(peer)
+            log.warning("no teacher from group %d at step %d: %s; training on without its term (counted as "
+                        "steps_without_teacher)", peer, step,
+                        "it has published nothing yet" if newest is None else
+                        f"its newest file is step {newest}, more than HPCDISTILL_MAX_STALENESS={self.max_staleness} "
+                        "behind, or refused (see above)")
+
     def _receive(self, peer: int, found) -> None:
-        """Broadcast what the leader found (or nothing) and load it as the peer's teacher."""
-        meta = {"step": found.step, "final": bool(found.meta.get("health", {}).get("final"))} if found else None
+        """Broadcast what the leader found (or nothing) and load it as the peer's teacher. A file that
+        passed every check but still does not load is refused, on every rank alike (same bytes)."""
+        final = bool(found.meta["health"].get("final")) if found else False
+        meta = {"step": found.step, "final": final} if found else None
         arrays, meta = bcast_tree(self.comm, found.arrays if found else None, meta)
-        if arrays is not None:
-            model = self.spec.build(self.arch["input_shape"], self.arch["num_classes"])
-            self.current[peer] = (meta["step"], _frozen(model, model_arrays(arrays), self.device), meta["final"])
-            self.loaded += 1
+        if arrays is None:
+            return
+        try:
+            model = _frozen(self.spec.build(self.arch["input_shape"], self.arch["num_classes"]),
+                            model_arrays(arrays), self.device)
+        except Exception as exc:  # noqa: BLE001 - nothing a peer's file holds may crash the group
+            self.rejected_by_reason["architecture"] += 1
+            if self.leader:
+                log.warning("refused teacher %s: does not load (%s: %s)", found.path, type(exc).__name__, exc)
+            return
+        self.current[peer] = (meta["step"], model, meta["final"])
+        self.loaded += 1
 
     def _find(self, peer: int, step: int, newer_than: int | None):
         oldest = max(0, step - self.max_staleness, -1 if newer_than is None else newer_than + 1)
         found, rejections = self.exchange.freshest(peer, expect_arch=self.arch, expect_manifest=self.manifest,
                                                    min_step=oldest)
-        for path, reason in rejections:
-            self.rejected += 1
-            log.warning("refused teacher %s: %s", path, reason)
+        for path, code, reason in rejections:
+            self.rejected_by_reason[code] += 1
+            log.warning("refused teacher %s (%s): %s", path, code, reason)
         return found
 
     def _enforce_staleness(self, step: int) -> None:
@@ -158,15 +195,19 @@ class PeerTeachers(_Teachers):
             self.dropped += 1
 
     def _wait_for(self, peer: int, step: int) -> None:
-        """Leader polls until the peer publishes something fresh enough or the timeout passes."""
+        """Leader polls until the peer publishes something fresh enough, the peer has left or stopped,
+        a stop signal arrives, or the timeout passes (collective in comm: the group gets the result)."""
         t = time.monotonic()
         deadline = t + self.wait_timeout
         found = None
         if self.leader:
-            while found is None and time.monotonic() < deadline:
-                found = self._find(peer, step, newer_than=self.current[peer][0])
+            have = self.current.get(peer)
+            log.info("waiting up to %.0f s for a teacher from group %d newer than %s (HPCDISTILL_STALE_POLICY=wait)",
+                     self.wait_timeout, peer, f"step {have[0]}" if have else "none")
+            while found is None and time.monotonic() < deadline and not self.stop():
+                found = self._find(peer, step, newer_than=have[0] if have else None)
                 if found is None:
-                    if self.exchange.gone(peer):  # it stopped early (diverged): nothing is coming
+                    if self.exchange.gone(peer):  # it diverged or stopped: nothing is coming soon
                         break
                     time.sleep(0.2)
         self._receive(peer, found)
@@ -174,44 +215,52 @@ class PeerTeachers(_Teachers):
         self.wait_seconds += time.monotonic() - t
 
     def teachers_for(self, step: int) -> list[torch.nn.Module]:
-        """The teachers usable at `step`, recording their staleness."""
+        """The teachers usable at `step`, recording their staleness and steps a peer's is missing."""
         out = []
         for peer_step, model, _ in self.current.values():
             if step - peer_step <= self.max_staleness:
                 self.staleness.append(max(0, step - peer_step))
                 out.append(model)
+        if len(out) < len(self.peers):
+            self.steps_without_teacher += 1
         return out
 
     def summary(self) -> dict:
-        s = np.array(self.staleness or [0])
+        s = np.array(self.staleness, dtype=np.int64)
         return {
             "exchanges_published": self.published, "teachers_loaded": self.loaded,
-            "teachers_rejected": self.rejected,
-            "teacher_staleness": {"mean": float(s.mean()), "max": int(s.max())},
+            "teachers_rejected": sum(self.rejected_by_reason.values()),
+            "teachers_rejected_by_reason": dict(sorted(self.rejected_by_reason.items())),
+            # over the steps that had a teacher (a group without one adds no zeros)
+            "teacher_staleness": {"mean": float(s.mean()) if s.size else 0.0, "max": int(s.max()) if s.size else 0,
+                                  "samples": int(s.size)},
+            "steps_without_teacher": self.steps_without_teacher,
             "publish_seconds": self.publish_seconds, "load_seconds": self.load_seconds,
             "teachers_dropped": self.dropped, "stale_waits": self.waits, "stale_wait_seconds": self.wait_seconds,
         }
 
 
-def resolve_teacher_files(paths) -> list[Path]:
-    """Files as given; a run directory stands for the newest valid checkpoint of each of its groups."""
-    files = []
+def teacher_candidates(paths) -> list[list[Path]]:
+    """One list of candidate files per teacher, newest first: a file as given is its own single
+    candidate; a run directory stands for each of its groups' checkpoints (the newest that passes
+    the checks is used). Nothing is read here: a run directory is as untrusted as any file."""
+    out = []
     for p in map(Path, paths):
-        if p.is_dir():
-            ckdir = p / "checkpoints"
-            dirs = sorted(ckdir.glob("group-*")) or [ckdir]
-            found = [CheckpointManager(d).latest_valid() for d in dirs]
-            found = [f[0] for f in found if f is not None]
-            if not found:
-                raise TeacherError(f"HPCDISTILL_TEACHERS: no valid checkpoint under {ckdir}; "
-                                   "point at a finished run directory or at .h5 files")
-            if not (p / "summary.json").exists():
-                log.warning("HPCDISTILL_TEACHERS: %s has no summary.json (unfinished or stopped); using its newest "
-                            "checkpoints: %s", p, ", ".join(f.name for f in found))
-            files.extend(found)
-        else:
-            files.append(p)
-    return files
+        if not p.is_dir():
+            out.append([p])
+            continue
+        ckdir = p / "checkpoints"
+        dirs = sorted(ckdir.glob("group-*")) or [ckdir]
+        groups = [CheckpointManager(d).paths() for d in dirs]
+        groups = [g for g in groups if g]
+        if not groups:
+            raise TeacherError(f"HPCDISTILL_TEACHERS: no checkpoint under {ckdir}; point at a finished run "
+                               "directory or at .h5 files")
+        if not (p / "summary.json").exists():
+            log.warning("HPCDISTILL_TEACHERS: %s has no summary.json (unfinished or stopped); using its newest "
+                        "checkpoints", p)
+        out.extend(groups)
+    return out
 
 
 def _check_fits(path, arch: dict, student: dict) -> None:
@@ -277,6 +326,28 @@ def manifest_of(state: dict) -> dict:
     return {k: [list(v.shape), str(v.dtype).removeprefix("torch.")] for k, v in state.items()}
 
 
+def _load_teacher(f: Path, factories: dict, teacher: ModelSpec, student_arch: dict) -> tuple[dict, dict]:
+    """(model arrays, {"arch": record}) of one teacher file, every check passed."""
+    if f.suffix in EXTERNAL_SUFFIXES:
+        state = _read_external(f, teacher, student_arch)
+        arch = teacher.record(student_arch["input_shape"], student_arch["num_classes"])
+        return {f"model/{k}": v.numpy() for k, v in state.items()}, {"arch": arch}
+    arrays, meta = _read_teacher(f, factories)
+    _check_fits(f, meta["arch"], student_arch)
+    return arrays, {"arch": meta["arch"]}
+
+
+def _first_usable(candidates: list[Path], factories: dict, teacher: ModelSpec, student_arch: dict):
+    """The newest candidate that loads; the refusal of the last one if none does."""
+    for i, f in enumerate(candidates):
+        try:
+            return f, _load_teacher(f, factories, teacher, student_arch)
+        except (CheckpointError, TeacherError, ModelError) as exc:
+            if i == len(candidates) - 1:
+                raise
+            log.warning("HPCDISTILL_TEACHERS: skipping %s (%s); trying an older checkpoint", f, exc)
+
+
 class FixedTeachers(_Teachers):
     """Distillation teachers: read and verified by the leader, broadcast to every rank of `comm`.
 
@@ -290,16 +361,10 @@ class FixedTeachers(_Teachers):
         self.files, error, trees = [], None, []
         if comm.Get_rank() == 0:
             try:
-                self.files = resolve_teacher_files(paths)
-                for f in self.files:
-                    if f.suffix in EXTERNAL_SUFFIXES:
-                        state = _read_external(f, teacher, student_arch)
-                        arch = teacher.record(student_arch["input_shape"], student_arch["num_classes"])
-                        trees.append(({f"model/{k}": v.numpy() for k, v in state.items()}, {"arch": arch}))
-                        continue
-                    arrays, meta = _read_teacher(f, factories)
-                    _check_fits(f, meta["arch"], student_arch)
-                    trees.append((arrays, {"arch": meta["arch"]}))
+                for candidates in teacher_candidates(paths):
+                    f, tree = _first_usable(candidates, factories, teacher, student_arch)
+                    self.files.append(f)
+                    trees.append(tree)
             except (CheckpointError, TeacherError, ModelError) as exc:
                 error = f"HPCDISTILL_TEACHERS: teacher refused: {exc}"
         _, head = bcast_tree(comm, None, {"error": error, "n": len(trees), "files": [str(f) for f in self.files]})

@@ -87,8 +87,9 @@ hpcd_setup() {
             done
         fi
         command -v module >/dev/null 2>&1 || hpcd_die "HPCD_MODULES=$HPCD_MODULES but there is no \`module\` command" 2
-        # shellcheck disable=SC2086
-        module load $HPCD_MODULES || hpcd_die "module load $HPCD_MODULES failed" 2
+        local modules
+        read -ra modules <<< "$HPCD_MODULES"   # split on blanks, never glob-expanded
+        module load "${modules[@]}" || hpcd_die "module load $HPCD_MODULES failed" 2
     fi
 
     if [ -z "${HPCD_VENV:-}" ]; then
@@ -154,8 +155,9 @@ hpcd_launch() {
 
     if [ -z "$HPCD_SIGNAL" ]; then
         hpcd_log "srun --mpi=$HPCD_MPI $HPCD_SRUN_ARGS hpcdistill train (${SLURM_NTASKS:-?} tasks on ${SLURM_JOB_NUM_NODES:-?} node(s))"
-        # shellcheck disable=SC2086
-        srun --mpi="$HPCD_MPI" --kill-on-bad-exit=1 $HPCD_SRUN_ARGS hpcdistill train &
+        local srun_args
+        read -ra srun_args <<< "$HPCD_SRUN_ARGS"   # split on blanks, never glob-expanded
+        srun --mpi="$HPCD_MPI" --kill-on-bad-exit=1 "${srun_args[@]}" hpcdistill train &
         HPCD_SRUN_PID=$!
         # Poll instead of a bare `wait`, so a trapped signal is handled (and forwarded) at once, and
         # re-forwarded every HPCD_RESEND s while no checkpoint has appeared since, in case it reached

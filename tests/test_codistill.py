@@ -65,9 +65,12 @@ def test_two_groups_codistill_on_four_ranks(tmp_path, data_dir):
     assert abs(c["ensemble_test_accuracy"] - ev.ensemble_accuracy(probs, labels)) < 1e-12
 
 
+PLANTED = "planted"  # the exchange id the runs below are given, so that files planted beforehand belong to them
+
+
 def _plant_bad_peer_files(exchange_dir: Path, data_dir: Path) -> dict[str, str]:
     """Write one bad checkpoint of each kind as group 1's newest files; return {file name: expected reason}."""
-    ex = Exchange(exchange_dir, group=1, num_groups=2, keep=10)
+    ex = Exchange(exchange_dir, group=1, num_groups=2, keep=10, exchange_id=PLANTED)
     healthy = {"train_loss": 0.5, "initial_loss": 2.3}
     torch.manual_seed(0)
     arch, model = builtin_model("mlp")
@@ -103,7 +106,7 @@ def test_bad_peer_checkpoints_are_refused_and_training_goes_on(tmp_path, data_di
     run = tmp_path / "run"
     expected = _plant_bad_peer_files(run / "exchange", data_dir)
     proc = train(2, run, mode="codistill", groups=2, data_dir=data_dir, steps=150, exchange_every=10, burn_in=1,
-                 straggler_rank=1, straggler_delay=20, timeout=400)
+                 straggler_rank=1, straggler_delay=20, timeout=400, exchange_id=PLANTED)
     refused = [line for line in proc.stdout.splitlines() if "refused teacher" in line]
     for name, reason in expected.items():
         assert any(name in line and reason in line for line in refused), (name, reason, refused)
@@ -136,10 +139,11 @@ def test_stale_policy_wait_keeps_the_teacher_and_drop_loses_it(tmp_path, data_di
         run = tmp_path / policy
         torch.manual_seed(0)
         arch, model = builtin_model("mlp")
-        Exchange(run / "exchange", group=1, num_groups=2).publish(
+        Exchange(run / "exchange", group=1, num_groups=2, exchange_id=PLANTED).publish(
             1, model, arch=arch, health={"train_loss": 2.0, "initial_loss": 2.3})
         train(2, run, mode="codistill", groups=2, data_dir=data_dir, steps=60, exchange_every=10, burn_in=10,
-              max_staleness=20, stale_policy=policy, straggler_rank=1, straggler_delay=49, log_every=5, timeout=400)
+              max_staleness=20, stale_policy=policy, straggler_rank=1, straggler_delay=49, log_every=5, timeout=400,
+              exchange_id=PLANTED)
         s = summary(run)
         assert all(g["steps"] == 60 for g in s["groups"])
         seen[policy] = (s["codistill"], [m["teachers"] for m in metrics(run, "metrics-g0.jsonl")

@@ -57,6 +57,8 @@ BAD = {
     "TEACHER_MODEL": (None, None),  # an import path or a name: checked before MPI (tests/test_userpkg.py)
     "TEACHER_MODEL_ARGS": ("3", "JSON object"),
     "LOADER_WORKERS": ("-1", "greater than or equal to 0"),
+    "STALE_WAIT": ("inf", "finite number"),
+    "EXCHANGE_ID": ("../other", "should match pattern"),
 }
 
 # Settings whose every non-empty value is syntactically valid (paths, names) are covered elsewhere:

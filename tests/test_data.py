@@ -1,5 +1,6 @@
-"""The dataset layout, the built-in datasets, imports, and the shard reader's sampling contract."""
+"""The dataset layout, the built-in datasets, imports (bounded, atomic), and the values checked with the checksum."""
 
+import re
 
 import h5py
 import numpy as np
@@ -423,3 +424,23 @@ def test_cli_prepare_says_whether_it_wrote_or_kept(tmp_path):
     assert prepare_cli().startswith("kept (valid")
     assert (tmp_path / "digits" / "train.h5").stat().st_mtime_ns == mtime
     assert prepare_cli("--force").startswith("wrote ")
+
+
+@pytest.mark.parametrize("flaw,message", [("label", "y[57] holds 12, outside [0, 10)"),
+                                          ("negative", "y[57] holds -1, outside [0, 10)"),
+                                          ("nan", "x[33] holds NaN or infinite values")])
+def test_checksum_pass_also_checks_labels_and_inputs(tmp_path, flaw, message):
+    """A label of 12 with 10 classes was an IndexError mid-run, a NaN input a "divergence": the pass that
+    verifies the checksum (world rank 0, once per job) refuses both, naming the row."""
+    from hpcdistill.data.format import write_split
+
+    x, y = np.random.default_rng(0).random((100, 4)).astype(np.float32), np.arange(100) % 10
+    if flaw == "nan":
+        x[33, 2] = np.nan
+    else:
+        y[57] = 12 if flaw == "label" else -1
+    for split in ("train", "val", "test"):
+        write_split(tmp_path / "bad", split, x, y, name="bad", kind="image", num_classes=10, source="test")
+    with pytest.raises(DataError, match=re.escape(message)):
+        dataset_info(tmp_path, "bad")
+    dataset_info(tmp_path, "bad", verify=False)  # the attributes alone are fine

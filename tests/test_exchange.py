@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from conftest import builtin_model, flip_stored_byte
-from hpcdistill.checkpoints import model_arrays
+from hpcdistill.checkpoints import capture, model_arrays, write_h5
 from hpcdistill.exchange import Exchange
 
 ARCH = {"name": "mlp", "sizes": [16, 16]}
@@ -71,29 +71,47 @@ def publish_bad(ex, kind):
     elif kind == "nan-loss":
         ex.publish(20, filled(20.0), arch=ARCH, health={"train_loss": float("nan"), "initial_loss": 2.3})
     elif kind == "wrong-group":
-        other = Exchange(ex.directory / "elsewhere", group=1, num_groups=2)
+        other = Exchange(ex.directory / "elsewhere", group=1, num_groups=2, exchange_id="x")
         src = other.publish(20, filled(20.0), arch=ARCH, health=HEALTHY)
+        (ex.directory / "group-0").mkdir(parents=True, exist_ok=True)
         shutil.copy(src, ex.directory / "group-0" / src.name)
+    elif kind == "another-run":  # a valid file of the same settings, from another run
+        Exchange(ex.directory, group=0, num_groups=2, exchange_id="y").publish(20, filled(20.0), arch=ARCH,
+                                                                               health=HEALTHY)
+    elif kind in ("health-list", "health-null", "loss-string"):
+        health = {"health-list": [1, 2], "health-null": None, "loss-string": {"train_loss": "low"}}[kind]
+        arrays, meta = capture(filled(20.0), step=20, arch=ARCH, rng=False, meta={"group": 0, "exchange_id": "x"})
+        meta["health"] = health
+        (ex.directory / "group-0").mkdir(parents=True, exist_ok=True)
+        write_h5(ex.directory / "group-0" / "step-00000020.h5", arrays, meta)
+    elif kind == "symlink":
+        good = Exchange(ex.directory / "elsewhere", group=0, num_groups=2, exchange_id="x").publish(
+            20, filled(20.0), arch=ARCH, health=HEALTHY)
+        (ex.directory / "group-0").mkdir(parents=True, exist_ok=True)
+        (ex.directory / "group-0" / "step-00000020.h5").symlink_to(good)
 
 
 BAD = {"corrupt": "bad checksum", "truncated": "truncated", "other-arch": "architecture",
        "nan-weights": "non-finite", "inf-weights": "non-finite", "diverged": "diverged",
-       "nan-loss": "diverged", "wrong-group": "group mismatch"}
+       "nan-loss": "diverged", "wrong-group": "group mismatch", "another-run": "another run: 'y'",
+       "health-list": "health record is a list", "health-null": "health record is a NoneType",
+       "loss-string": "train_loss is a str", "symlink": "symbolic link"}
 
 
 @pytest.mark.parametrize("kind", BAD)
 def test_bad_peer_file_is_refused_and_older_good_one_used(tmp_path, kind):
-    peer = Exchange(tmp_path, group=0, num_groups=2, keep=3)
-    me = Exchange(tmp_path, group=1, num_groups=2)
+    peer = Exchange(tmp_path, group=0, num_groups=2, keep=3, exchange_id="x")
+    me = Exchange(tmp_path, group=1, num_groups=2, exchange_id="x")
     bad_path = tmp_path / "group-0" / "step-00000020.h5"
 
     publish_bad(peer, kind)
     ck, rejections = me.freshest(0, expect_arch=ARCH)
     assert ck is None and len(rejections) == 1
-    assert rejections[0][0] == bad_path and BAD[kind] in rejections[0][1]
+    assert rejections[0][0] == bad_path and BAD[kind] in rejections[0][2]
 
     # An older good file exists (a newer bad one appears after it): that one is the teacher.
-    Exchange(tmp_path, group=0, num_groups=2, keep=3).publish(10, filled(10.0), arch=ARCH, health=HEALTHY)
+    Exchange(tmp_path, group=0, num_groups=2, keep=3, exchange_id="x").publish(10, filled(10.0), arch=ARCH,
+                                                                               health=HEALTHY)
     ck, rejections = me.freshest(0, expect_arch=ARCH)
     assert ck.step == 10 and torch.equal(model_arrays(ck.arrays)["bias"], torch.full((16,), 10.0))
     assert rejections == []  # the bad file was reported once, not on every call
@@ -129,7 +147,7 @@ def _reader(directory, ready, stop, out):
     ready.set()
     while not stop.is_set():
         ck, rejected = ex.freshest(1, expect_arch=ARCH)
-        rejections += [(str(p), reason) for p, reason in rejected]
+        rejections += [(str(p), reason) for p, _, reason in rejected]
         if ck is not None:
             steps.append(ck.step)
             values = torch.cat([t.reshape(-1) for t in model_arrays(ck.arrays).values()])

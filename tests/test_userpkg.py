@@ -213,3 +213,16 @@ def test_bad_user_code_exits_2_under_mpirun_and_in_config(tmp_path, settings, me
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120, cwd=ROOT)
         assert proc.returncode == 2 and message in proc.stderr, (cmd, proc.stderr[-2000:])
     assert not (tmp_path / "run").exists()  # nothing started
+
+
+def test_a_bad_label_or_a_nan_input_met_mid_run_is_a_data_error_not_a_crash_or_divergence(tmp_path):
+    """Sample 500 of the train split (a user's dataset is not scanned up front) has label 12 of 4
+    classes, or a NaN pixel: the batch holding it stops the job with exit 2 and says what and where,
+    instead of an IndexError or "training diverged: lower the LR"."""
+    for flaw, phrase in (("label", "holds labels 0..12 (torch.int64), outside [0, 4)"),
+                         ("nan", "holds NaN or infinite inputs")):
+        proc = train(2, tmp_path / flaw, check=False, model="userpkg.models:bn_net", dataset="userpkg.data:mislabelled",
+                     dataset_args=f'{{"flaw": "{flaw}"}}', steps=60, data_split="shared")
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        assert "HPCDISTILL_DATASET=userpkg.data:mislabelled" in proc.stderr and phrase in proc.stderr, proc.stderr[-2000:]
+        assert "diverged" not in proc.stdout + proc.stderr

@@ -16,10 +16,12 @@ then the meta JSON.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
 import stat
+import time
 from pathlib import Path
 
 import h5py
@@ -38,11 +40,16 @@ _INT_OF_WIDTH = {1: np.int8, 2: np.int16, 4: np.int32, 8: np.int64}
 
 
 class CheckpointError(Exception):
-    """A checkpoint that cannot be used; `path` may be None when no file is involved (restore)."""
+    """A checkpoint that cannot be used; `path` may be None when no file is involved (restore).
 
-    def __init__(self, path: str | os.PathLike | None, reason: str):
+    `code` sorts refusals for summaries (teachers_rejected_by_reason): not-a-file, not-hdf5, truncated,
+    unreadable, format, too-large, checksum, architecture, another-run, non-finite, diverged, mismatch,
+    io (a transient read error: worth trying again), timeout, symlink."""
+
+    def __init__(self, path: str | os.PathLike | None, reason: str, code: str = "format"):
         self.path = Path(path) if path is not None else None
         self.reason = reason
+        self.code = code
         super().__init__(f"{self.path}: {reason}" if self.path is not None else reason)
 
 
@@ -144,28 +151,39 @@ def layout_dtype(dtype: np.dtype, torch_dtype: str | None) -> str:
     return torch_dtype if torch_dtype is not None else str(torch.from_numpy(np.empty(0, dtype)).dtype).removeprefix("torch.")
 
 
-def _read(path: Path, verify: bool, check) -> tuple[dict, dict]:
+ROOT_ATTRS = {"format", "format_version", "meta", "sha256"}
+READ_BLOCK = 16 * 2**20       # bytes hashed per read: memory stays at what the caller keeps, plus this
+READ_SECONDS = 300.0          # a read of one file that takes longer is refused (a file on a hung server)
+
+
+def _read(path: Path, verify: bool, check, keep) -> tuple[dict, dict]:
     st = os.stat(path)
-    if not stat.S_ISREG(st.st_mode):  # opening a FIFO would block
-        raise CheckpointError(path, "not a regular file")
+    if not stat.S_ISREG(st.st_mode):  # opening a FIFO or a device would block or never end
+        raise CheckpointError(path, "not a regular file", "not-a-file")
     with open(path, "rb") as fh:
         head = fh.read(len(HDF5_SIGNATURE))
     if len(head) < len(HDF5_SIGNATURE):
-        raise CheckpointError(path, f"truncated ({len(head)} bytes)")
+        raise CheckpointError(path, f"truncated ({len(head)} bytes)", "truncated")
     if head != HDF5_SIGNATURE:
-        raise CheckpointError(path, "not an HDF5 file")
+        raise CheckpointError(path, "not an HDF5 file", "not-hdf5")
     try:
         f = h5py.File(path, "r")
     except OSError as e:
-        reason = "truncated" if "truncated" in str(e) else "unreadable HDF5"
-        raise CheckpointError(path, f"{reason} ({e})") from None
+        truncated = "truncated" in str(e)
+        raise CheckpointError(path, f"{'truncated' if truncated else 'unreadable HDF5'} ({e})",
+                              "truncated" if truncated else "unreadable") from None
+    deadline = time.monotonic() + READ_SECONDS
     with f:
+        # The schema first, from HDF5's metadata alone: what this writer makes and nothing else.
+        extra_attrs = set(f.attrs) - ROOT_ATTRS
+        if extra_attrs:
+            raise CheckpointError(path, f"wrong format: unexpected file attributes {sorted(extra_attrs)[:5]}")
         fmt = f.attrs.get("format")
         if fmt is None or _text(fmt, "format", path) != FORMAT:
             raise CheckpointError(path, f"not a checkpoint (format attribute {fmt!r}, expected {FORMAT!r})")
         version = f.attrs.get("format_version")
-        if version != FORMAT_VERSION:
-            raise CheckpointError(path, f"unsupported format_version {version} (expected {FORMAT_VERSION})")
+        if not isinstance(version, (int, np.integer)) or version != FORMAT_VERSION:
+            raise CheckpointError(path, f"unsupported format_version {version!r} (expected {FORMAT_VERSION})")
         meta_json = _text(f.attrs.get("meta", b""), "meta", path)
         stored = _text(f.attrs.get("sha256", b""), "sha256", path)
         try:
@@ -174,58 +192,94 @@ def _read(path: Path, verify: bool, check) -> tuple[dict, dict]:
             raise CheckpointError(path, f"wrong format: meta is not JSON ({e})") from None
         if not isinstance(meta, dict):
             raise CheckpointError(path, f"wrong format: meta is a JSON {type(meta).__name__}, not an object")
+        # Soft and external links could point anywhere (another file, a FIFO): only hard links exist here.
+        links = []
+        f.visit_links(lambda name: links.append(name))
+        foreign = [n for n in links if not isinstance(f.get(n, getlink=True), h5py.HardLink)]
+        if foreign:
+            raise CheckpointError(path, f"wrong format: soft or external link {foreign[0]!r}")
         datasets = []
-        f.visititems(lambda key, obj: datasets.append((key, obj)) if isinstance(obj, h5py.Dataset) else None)
-        # Everything below is known from HDF5's metadata alone: refuse what this writer never makes (a
-        # layout that reads other files or decompresses, data that is declared but not in the file)
-        # before a single byte of data is read.
+        for name in links:
+            obj = f.get(name)
+            if isinstance(obj, h5py.Dataset):
+                datasets.append((name, obj))
+            elif not isinstance(obj, h5py.Group):
+                raise CheckpointError(path, f"wrong format: {name!r} is a {type(obj).__name__}")
         layout, declared = {}, 0
         for key, ds in datasets:
             if ds.dtype.kind not in _NUMERIC_KINDS:
                 raise CheckpointError(path, f"wrong format: dataset {key} has non-numeric dtype {ds.dtype}")
+            # a virtual dataset (which read a FIFO and hung a job), external storage (which read a system
+            # file), chunks and filters (a gzip bomb of 2 GiB in a few MB): hpcdistill writes none of these
             if ds.is_virtual or ds.external or ds.chunks is not None or ds.compression is not None:
                 raise CheckpointError(path, f"wrong format: dataset {key} is virtual, external, chunked or "
                                             "compressed (hpcdistill writes plain contiguous datasets)")
+            unexpected = set(ds.attrs) - {"torch_dtype"}
+            if unexpected:
+                raise CheckpointError(path, f"wrong format: dataset {key} has attributes {sorted(unexpected)[:5]}")
             torch_dtype = ds.attrs.get("torch_dtype")
             torch_dtype = None if torch_dtype is None else _text(torch_dtype, f"{key}.torch_dtype", path)
             layout[key] = (tuple(int(n) for n in ds.shape), layout_dtype(ds.dtype, torch_dtype), torch_dtype)
             declared += int(np.prod(ds.shape, dtype=np.float64)) * ds.dtype.itemsize
-        if declared > st.st_size:
+        if declared > st.st_size:  # a 16 GiB dataset declared in an 18 KB file: its data cannot be in it
             raise CheckpointError(path, f"wrong format: datasets declare {declared} bytes, the file has "
-                                        f"{st.st_size}")
+                                        f"{st.st_size}", "too-large")
         declared_layout = {k: [list(shape), dtype] for k, (shape, dtype, _) in layout.items()}
         if "manifest" in meta and meta["manifest"] != declared_layout:
             raise CheckpointError(path, "wrong format: the manifest in meta does not match the file's datasets")
         if check is not None:
             check(meta, declared_layout)
-        items = [(key, np.asarray(ds[()]), layout[key][2]) for key, ds in datasets]
-    if verify:
-        computed = _digest(items, meta_json)
-        if computed != stored:
-            raise CheckpointError(path, f"bad checksum (stored {stored[:12]}, computed {computed[:12]})")
-    arrays = {key: a if t is None else _from_bits(a, t, key, path) for key, a, t in items}
+        # Then the data: every dataset hashed in blocks, only the kept ones held in memory.
+        h = hashlib.sha256()
+        arrays = {}
+        for key, ds in sorted(datasets, key=lambda kd: kd[0]):
+            torch_dtype = layout[key][2]
+            h.update(json.dumps([key, ds.dtype.str, list(ds.shape), torch_dtype]).encode())
+            wanted = keep is None or keep(key)
+            if ds.ndim == 0 or ds.size == 0:
+                a = np.asarray(ds[()])
+                h.update(a.reshape(-1).view(np.uint8))
+            else:
+                rows = max(1, READ_BLOCK // max(1, ds.dtype.itemsize * int(np.prod(ds.shape[1:]))))
+                a = np.empty(ds.shape, ds.dtype) if wanted else None
+                for lo in range(0, ds.shape[0], rows):
+                    block = ds[lo:lo + rows]
+                    h.update(np.ascontiguousarray(block).reshape(-1).view(np.uint8))
+                    if wanted:
+                        a[lo:lo + rows] = block
+                    if time.monotonic() > deadline:
+                        raise CheckpointError(path, f"reading took more than {READ_SECONDS:.0f} s", "timeout")
+            if wanted:
+                arrays[key] = a if torch_dtype is None else _from_bits(a, torch_dtype, key, path)
+    h.update(meta_json.encode())
+    if verify and h.hexdigest() != stored:
+        raise CheckpointError(path, f"bad checksum (stored {stored[:12]}, computed {h.hexdigest()[:12]})", "checksum")
     return arrays, meta
 
 
-def read_h5(path, *, verify: bool = True, check=None) -> tuple[dict, dict]:
+def read_h5(path, *, verify: bool = True, check=None, keep=None) -> tuple[dict, dict]:
     """Read a checkpoint: ({key: array}, meta). Raises only CheckpointError for an unusable file.
 
     `check(meta, layout)`, with layout {key: [shape list, torch dtype name]} (the form of
     `models.manifest`), runs after the metadata is read and before any data is: it may refuse the file
     (raise CheckpointError) for what it declares, e.g. a model far larger than the one expected.
+    `keep(key)` chooses the arrays returned (default all); the others are read only to be hashed.
 
     Values are numpy arrays, except keys stored from a torch dtype numpy lacks (bfloat16, float8),
     which come back as torch tensors of that dtype; `to_tensor` turns either into a tensor.
     """
     path = Path(path)
     try:
-        return _read(path, verify, check)
+        return _read(path, verify, check, keep)
     except CheckpointError:
         raise
     except FileNotFoundError:
-        raise CheckpointError(path, "no such file") from None
+        raise CheckpointError(path, "no such file", "not-a-file") from None
+    except OSError as e:
+        transient = e.errno in (errno.EIO, errno.EAGAIN, errno.ETIMEDOUT, errno.ESTALE, errno.EINTR)
+        raise CheckpointError(path, f"unreadable ({type(e).__name__}: {e})", "io" if transient else "unreadable") from None
     except Exception as e:  # noqa: BLE001 - a damaged file may surface as any error inside h5py/HDF5
-        raise CheckpointError(path, f"unreadable ({type(e).__name__}: {e})") from None
+        raise CheckpointError(path, f"unreadable ({type(e).__name__}: {e})", "unreadable") from None
 
 
 def verify_h5(path) -> str | None:

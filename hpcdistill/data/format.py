@@ -16,6 +16,7 @@ import h5py
 import numpy as np
 
 from hpcdistill.atomic import atomic_path
+from hpcdistill.config import MAX_CLASSES
 
 FORMAT = "hpcdistill-dataset"
 FORMAT_VERSION = 1
@@ -145,11 +146,38 @@ def _digest(*parts) -> str:
     return h.hexdigest()
 
 
+class _ValueCheck:
+    """Checks values as the checksum pass streams them: labels (token ids) in [0, num_classes), inputs
+    finite. A label of 12 with 10 classes was an IndexError mid-run; a NaN input looked like divergence."""
+
+    def __init__(self, path: Path, kind: str, num_classes: int, fix: str):
+        self.path, self.kind, self.num_classes, self.fix = path, kind, num_classes, fix
+
+    def blocks(self, blocks, which: str):
+        row = 0
+        for block in blocks:
+            if which == "y" or self.kind == "sequence":
+                if block.dtype.kind not in "iu":
+                    raise DataError(f"{self.path}: {which} holds {block.dtype} values, expected integer labels; {self.fix}")
+                bad = (block < 0) | (block >= self.num_classes)
+                if bad.any():
+                    at = row + int(np.argwhere(bad)[0][0])
+                    raise DataError(f"{self.path}: {which}[{at}] holds {block[bad][0]}, outside [0, "
+                                    f"{self.num_classes}) for num_classes {self.num_classes}; {self.fix}")
+            elif block.dtype.kind == "f" and not np.isfinite(block).all():
+                at = row + int(np.argwhere(~np.isfinite(block))[0][0])
+                raise DataError(f"{self.path}: x[{at}] holds NaN or infinite values; clean the data and import it "
+                                f"again; {self.fix}")
+            row += len(block)
+            yield block
+
+
 def read_split_attrs(path: Path, *, verify: bool = False, name: str | None = None) -> dict:
     """The attributes of one split file plus `rows` and `row_bytes` (x and y of one sample);
     DataError if it is not a valid split file.
 
-    `verify` re-hashes x and y against the stored sha256 (reads the whole file)."""
+    `verify` re-hashes x and y against the stored sha256 (reads the whole file), checking on the way
+    that every label is within [0, num_classes) and every float input finite."""
     path = Path(path)
     fix = remedy(name or path.parent.name)
     try:
@@ -172,8 +200,13 @@ def read_split_attrs(path: Path, *, verify: bool = False, name: str | None = Non
                                 f"{attrs.get('input_shape')}; {fix}")
             if attrs.get("kind") not in KINDS:
                 raise DataError(f"{path}: unknown kind {attrs.get('kind')!r} (expected one of {KINDS}); {fix}")
-            if verify and _digest(_blocks(x), _blocks(y)) != attrs.get("sha256"):
-                raise DataError(f"{path} is damaged: its x/y bytes do not match the stored sha256; {fix}")
+            if verify:
+                classes = attrs.get("num_classes")
+                if not (isinstance(classes, int) and 2 <= classes <= MAX_CLASSES):
+                    raise DataError(f"{path}: num_classes {classes!r} is not an int in 2..{MAX_CLASSES}; {fix}")
+                check = _ValueCheck(path, attrs["kind"], classes, fix)
+                if _digest(check.blocks(_blocks(x), "x"), check.blocks(_blocks(y), "y")) != attrs.get("sha256"):
+                    raise DataError(f"{path} is damaged: its x/y bytes do not match the stored sha256; {fix}")
     except DataError:
         raise
     except FileNotFoundError:

@@ -144,6 +144,10 @@ class TrainStream:
         self.sampler = ShardSampler(len(dataset), batch_size=batch_size, rank=rank, size=size, group=group,
                                     num_groups=num_groups, split=split, seed=seed,
                                     block=shuffle_block(len(dataset), source.chunk_rows, num_groups), keep=keep)
+        # A prepared dataset's values were checked with its checksum; a user's dataset is checked per batch
+        # (on the host, before the copy): a bad label was an IndexError mid-run, a NaN input looked like
+        # divergence ("lower the LR").
+        self.check = None if source.path is not None else (source.name, source.num_classes)
         self.device = torch.device(device)
         self.pin = self.device.type == "cuda"
         self.loader = _loader(dataset, self.sampler, workers, self.pin)
@@ -161,7 +165,18 @@ class TrainStream:
             self._it = iter(self.loader)
         x, y = next(self._it)
         self.batch += 1
+        if self.check is not None:
+            self._check(x, y)
         return x.to(self.device, non_blocking=self.pin), y.to(self.device, non_blocking=self.pin)
+
+    def _check(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        name, classes = self.check
+        where = f"HPCDISTILL_DATASET={name}: batch {self.batch - 1} of epoch {self.epoch} (rank-local)"
+        if y.dtype.is_floating_point or int(y.min()) < 0 or int(y.max()) >= classes:
+            raise DataError(f"{where} holds labels {y.min().item()}..{y.max().item()} ({y.dtype}), outside [0, "
+                            f"{classes}) for its num_classes {classes}; fix the dataset's labels or num_classes")
+        if x.dtype.is_floating_point and not bool(torch.isfinite(x).all()):
+            raise DataError(f"{where} holds NaN or infinite inputs; fix the dataset (or its augmentation)")
 
     def state(self) -> dict:
         """Where the stream is (JSON-able); load_state() on a fresh stream continues from here."""

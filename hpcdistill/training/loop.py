@@ -17,12 +17,16 @@ import json
 import math
 import signal
 import time
+import uuid
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from hpcdistill.checkpoints import CheckpointManager, capture, restore
+from hpcdistill.checkpoints import CheckpointError, CheckpointManager, capture, restore
+from hpcdistill.claims import Claim, ClaimError, holder_info
+from hpcdistill.config import ConfigError
 from hpcdistill.comm.broadcast import bcast_tree
 from hpcdistill.comm.topology import build_topology
 from hpcdistill.data import DataError, TrainStream, open_source
@@ -35,7 +39,18 @@ from hpcdistill.training.objective import Objective
 
 log = get_logger("train")
 
-ENSEMBLE_EVAL_LIMIT = 2048  # test samples used for ensemble accuracy and churn (all of digits' 360)
+ENSEMBLE_EVAL_LIMIT = 2048
+RUN_CLAIM = ".hpcdistill-claim.json"        # in RUN_DIR: the job that uses it
+EXCHANGE_CLAIM = ".exchange-claim.json"     # in the exchange directory: the codistillation that uses it
+
+
+def _same_run(run_id: str):
+    """A read_h5 check for resuming: a checkpoint written by another run (a copy, a rerun) is skipped."""
+    def check(meta: dict, layout: dict) -> None:
+        other = meta.get("run_id")
+        if other is not None and other != run_id:
+            raise CheckpointError(None, f"another run: {other!r} (this run is {run_id!r})", "another-run")
+    return check  # test samples used for ensemble accuracy and churn (all of digits' 360)
 
 
 class StopSignal:
@@ -95,9 +110,9 @@ def resolve_run_dir(settings, world) -> Path:
     return path
 
 
-def _write_config(run_dir: Path, settings, topo, arch: dict) -> None:
+def _write_config(run_dir: Path, settings, topo, arch: dict, run_id: str) -> None:
     config = {"settings": settings.model_dump(mode="json"), "world_size": topo.size,
-              "num_groups": topo.num_groups, "arch": arch}
+              "num_groups": topo.num_groups, "arch": arch, "run_id": run_id}
     old = run_dir / "config.json"
     if old.exists():
         previous = json.loads(old.read_text()).get("settings", {})
@@ -110,16 +125,16 @@ def _write_config(run_dir: Path, settings, topo, arch: dict) -> None:
 def _dataset_checked_once(settings, world):
     """World rank 0 re-hashes a prepared dataset's files (a damaged file is caught before training);
     the other ranks read the attributes only, so the shared filesystem serves the files once, not N times."""
-    error = None
+    error = source = None
     if world.Get_rank() == 0:
         try:
-            open_source(settings.dataset, settings.data_dir, settings.dataset_args, verify=True)
+            source = open_source(settings.dataset, settings.data_dir, settings.dataset_args, verify=True)
         except DataError as exc:
             error = str(exc)
     error = world.bcast(error, root=0)
     if error:
         raise DataError(error)
-    return open_source(settings.dataset, settings.data_dir, settings.dataset_args)
+    return source or open_source(settings.dataset, settings.data_dir, settings.dataset_args)
 
 
 def _finite(model: torch.nn.Module) -> bool:
@@ -133,6 +148,49 @@ def _polite_barrier(comm) -> None:
         time.sleep(0.02)
 
 
+def _run_id(settings, run_dir: Path) -> str:
+    """This run's identity: kept in config.json across resume and requeue; new when starting over."""
+    config = run_dir / "config.json"
+    if settings.resume == "auto" and config.exists():
+        try:
+            rid = json.loads(config.read_text()).get("run_id")
+        except (OSError, ValueError, AttributeError):
+            rid = None
+        if isinstance(rid, str) and rid:
+            return rid
+    return uuid.uuid4().hex[:12]
+
+
+def _claim_dirs(settings, run_dir: Path, world) -> tuple[str, list[Claim]]:
+    """World rank 0 claims RUN_DIR (one job per run directory) and the exchange directory (one
+    codistillation per exchange id) and picks the run id; every rank gets the id or the refusal."""
+    claims, error, rid = [], None, None
+    if world.Get_rank() == 0:
+        try:
+            rid = _run_id(settings, run_dir)
+            claim = Claim(run_dir / RUN_CLAIM, holder_info(rid), what="run directory")
+            claim.acquire()
+            claims.append(claim)
+            if settings.mode == "codistill" and settings.codistill_target == "peers":
+                exchange_id = settings.exchange_id or rid
+                ex = Claim(Path(settings.exchange_dir or run_dir / "exchange") / EXCHANGE_CLAIM,
+                           holder_info(rid, exchange_id=exchange_id), what="exchange directory",
+                           share_key="exchange_id")
+                ex.acquire()
+                claims.append(ex)
+            for c in claims:
+                if c.note:
+                    log.warning("%s %s: %s", c.what, c.path.parent, c.note)
+        except ClaimError as exc:
+            error = str(exc)
+            for c in claims:
+                c.release()
+    error, rid = world.bcast((error, rid), root=0)
+    if error:
+        raise ClaimError(error)
+    return rid, claims
+
+
 class Trainer:
     """State of one rank's run; `run()` is the loop."""
 
@@ -144,6 +202,8 @@ class Trainer:
         s.check_world(topo.size)
         setup_logging(topo.tag(), speaker=topo.is_leader)
         self.run_dir = resolve_run_dir(s, topo.world)
+        self.run_id, self.claims = _claim_dirs(s, self.run_dir, topo.world)
+        self.exchange_id = s.exchange_id or self.run_id
         self.data = _dataset_checked_once(s, topo.world)
         self.spec = resolve_model(s.model, s.model_args, kind=self.data.kind)
         self.arch = self.spec.record(self.data.input_shape, self.data.num_classes)
@@ -153,7 +213,7 @@ class Trainer:
         self.updater = make_updater(s, topo, self.model, optimizer)
         self.optimizer = self.updater.optimizer  # the one holding the state (Horovod wraps a copy)
         if topo.rank == 0:
-            _write_config(self.run_dir, s, topo, self.arch)
+            _write_config(self.run_dir, s, topo, self.arch, self.run_id)
 
     # --- set-up that only the ranks running the loop do -------------------------------------------
     def _prepare_loop(self):
@@ -167,7 +227,8 @@ class Trainer:
             self.teachers = PeerTeachers(
                 s.exchange_dir or self.run_dir / "exchange", comm=self.comm, group=topo.group,
                 num_groups=topo.num_groups, spec=self.spec, arch=self.arch, device=topo.device,
-                max_staleness=s.max_staleness, policy=s.stale_policy)
+                max_staleness=s.max_staleness, policy=s.stale_policy, wait_timeout=s.stale_wait,
+                exchange_id=self.exchange_id, stop=lambda: self.stop.requested)
         elif s.mode == "distill":
             self.teachers = FixedTeachers(s.teacher_paths, comm=self.comm, device=topo.device, student_arch=self.arch,
                                           student=self.spec, teacher=teacher_spec(s, self.data.kind))
@@ -185,15 +246,21 @@ class Trainer:
     def _restore(self) -> int:
         """Leader loads the newest valid checkpoint (or takes its fresh weights); the group gets them."""
         arrays = meta = None
+        path = None
         if self.speaker:
-            found = self.ckpts.latest_valid() if self.s.resume == "auto" else None
+            found = self.ckpts.latest_valid(check=_same_run(self.run_id)) if self.s.resume == "auto" else None
             if found:
                 path, arrays, meta = found
                 log.info("resuming from %s (step %d)", path, meta["step"])
             else:
                 arrays, meta = capture(self.model, self.optimizer, step=0, arch=self.arch, rng=False)
         arrays, meta = bcast_tree(self.comm, arrays, meta)
-        restore(arrays, meta, self.model, self.optimizer, rng=False)
+        try:
+            restore(arrays, meta, self.model, self.optimizer, rng=False)
+        except CheckpointError as exc:  # every rank alike: the same bytes
+            raise ConfigError(f"cannot resume from {path or 'the newest checkpoint'}: {exc.reason}; the settings "
+                              "changed the model or optimizer since it was written: restore them, or start over "
+                              "with HPCDISTILL_RESUME=never (or another HPCDISTILL_RUN_DIR)") from None
         rngs = arrays.get("extra/rng")
         if rngs is not None and len(rngs) == self.comm.Get_size():
             torch.set_rng_state(torch.from_numpy(rngs[self.comm.Get_rank()].copy()))
@@ -222,7 +289,7 @@ class Trainer:
             arrays, meta = capture(model, self.optimizer, step=step,
                                    data_state=self.reader.state(), arch=self.arch,
                                    extra={"rng": rngs, **extra}, rng=False,
-                                   meta={"mode": self.s.mode, "group": self.topo.group})
+                                   meta={"mode": self.s.mode, "group": self.topo.group, "run_id": self.run_id})
             self.ckpts.save(step, arrays, meta)
 
     def _evaluate(self, split: str) -> dict | None:
@@ -267,7 +334,7 @@ class Trainer:
                     self.updater.settle(self.model)
                     self.teachers.publish(step, self.updater.current_model(self.model),
                                           {"train_loss": loss_ema, "initial_loss": initial_loss})
-                self.teachers.refresh(step)
+                self.teachers.refresh(step, burn_in=s.burn_in)
             if step % s.log_every == 0 or step == s.steps:
                 self.metrics.write(step, lr=lr, **parts, **self.updater.step_metrics())
                 log.info(progress.line(step, samples * self.comm.Get_size(), loss=parts["loss"], lr=lr))
@@ -291,6 +358,8 @@ class Trainer:
                 if self.updater.synchronous or (self.speaker and step < s.steps):
                     self._save(step)
             if stopped:
+                if isinstance(self.teachers, PeerTeachers):
+                    self.teachers.leave(f"stopped by {self.stop.name or 'a signal'} at step {step}; resumes later")
                 what = "checkpoint written" if self.updater.synchronous or self.speaker else "stopping (the lead worker checkpoints)"
                 log.warning("%s received: %s at step %d; exiting (HPCDISTILL_RESUME=auto resumes from it)",
                             self.stop.name or "stop signal", what, step)
@@ -349,6 +418,8 @@ class Trainer:
         topo = self.topo
         self.updater.close()
         _polite_barrier(topo.world)
+        for claim in self.claims:
+            claim.release()
         results = topo.world.gather((result, stopped, diverged, topo.group), root=0)
         code = 0
         if topo.rank == 0:
@@ -383,14 +454,21 @@ class Trainer:
         summary["groups"] = groups
         if s.mode == "codistill":
             peer = [t for t in teachers if t]
+            samples = sum(t["teacher_staleness"]["samples"] for t in peer)
+            by_reason: Counter = Counter()
+            for t in peer:
+                by_reason.update(t["teachers_rejected_by_reason"])
             summary["codistill"] = {
-                "target": s.codistill_target, "data_split": s.data_split,
+                "target": s.codistill_target, "data_split": s.data_split, "exchange_id": self.exchange_id,
                 "exchanges_published": sum(t["exchanges_published"] for t in peer),
                 "teachers_loaded": sum(t["teachers_loaded"] for t in peer),
                 "teachers_rejected": sum(t["teachers_rejected"] for t in peer),
-                "teacher_staleness": {
-                    "mean": float(np.mean([t["teacher_staleness"]["mean"] for t in peer])) if peer else 0.0,
+                "teachers_rejected_by_reason": dict(sorted(by_reason.items())),
+                "teacher_staleness": {  # over every step that had a teacher, pooled over the groups
+                    "mean": sum(t["teacher_staleness"]["mean"] * t["teacher_staleness"]["samples"] for t in peer)
+                    / samples if samples else 0.0,
                     "max": max((t["teacher_staleness"]["max"] for t in peer), default=0)},
+                "steps_without_teacher": sum(t["steps_without_teacher"] for t in peer),
                 "exchange_seconds": sum(t["publish_seconds"] + t["load_seconds"] for t in peer),
                 "stale_policy": s.stale_policy,
                 "teachers_dropped": sum(t["teachers_dropped"] for t in peer),
@@ -399,6 +477,9 @@ class Trainer:
                 "ensemble_test_accuracy": ev.ensemble_accuracy(probs, labels[0]),
                 "churn": ev.mean_pairwise_churn(probs),
                 "churn_samples": int(len(labels[0])),
+                "groups": [{"group": g["group"], **{k: t[k] for k in ("steps_without_teacher", "teachers_loaded",
+                                                                         "teachers_rejected_by_reason")}}
+                           for g, t in zip(groups, teachers) if t],
             }
         if any(async_parts):
             from hpcdistill.strategies.async_rma import pooled_summary  # imports the RMA layer: async only

@@ -78,3 +78,21 @@ def raises(split):
 
 def not_a_dataset(split):
     return 42
+
+
+class _Mislabelled(Blobs):
+    """Blobs whose sample 500 of train is labelled 12 with 4 classes, or holds a NaN pixel."""
+
+    def __init__(self, split, flaw):
+        super().__init__(split)
+        if split == "train":
+            if flaw == "label":
+                self.targets = self.targets.copy()
+                self.targets[500] = 12
+            else:
+                self.x = self.x.copy()
+                self.x[500, 0, 2, 2] = np.nan
+
+
+def mislabelled(split, flaw="label"):
+    return _Mislabelled(split, flaw)

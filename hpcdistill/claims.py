@@ -1,0 +1,146 @@
+"""Who owns a directory on the shared filesystem: one job per RUN_DIR, one codistillation per exchange dir.
+
+`flock` is unreliable on NFS and Lustre (often off, or local to a node), so a claim is a file created
+with O_CREAT|O_EXCL (atomic on NFSv3+ and Lustre) holding the holder's job id, host, pid and run id;
+a background thread refreshes its modification time (the heartbeat) every HEARTBEAT seconds. A claim
+is stale when its heartbeat is older than STALE_AFTER, when its holder was on this host and that pid
+is gone, or when it is this very Slurm job (requeued: the earlier incarnation is dead); a stale claim
+is taken over with a warning. Only world rank 0 of a job touches claims.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import threading
+import time
+from pathlib import Path
+
+from hpcdistill.config import ConfigError
+
+HEARTBEAT = 20.0
+STALE_AFTER = 120.0  # 6 missed heartbeats: the holder is gone (or its node is)
+
+
+def holder_info(run_id: str, **extra) -> dict:
+    job = os.environ.get("SLURM_JOB_ID")
+    return {"run_id": run_id, "job": job, "host": socket.gethostname(), "pid": os.getpid(),
+            "started": time.time(), **extra}
+
+
+class ClaimError(ConfigError):
+    """The directory is held by a live job (exit 2)."""
+
+
+class Claim:
+    """An exclusive claim on `path` (a file), or a shared one: holders whose `share_key` value equals
+    the claim's may join it (codistilling jobs with one HPCDISTILL_EXCHANGE_ID)."""
+
+    def __init__(self, path: Path, info: dict, *, what: str, share_key: str | None = None):
+        self.path, self.info, self.what, self.share_key = Path(path), info, what, share_key
+        self.held = False
+        self.note = ""  # what happened on acquire (took over a stale claim, joined ...), for the log
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _read(self) -> tuple[dict, float] | None:
+        try:
+            st = self.path.stat()
+            data = json.loads(self.path.read_text())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError):  # half-written or garbage: treat as a claim of unknown holder
+            try:
+                return {}, self.path.stat().st_mtime
+            except FileNotFoundError:
+                return None
+        return (data if isinstance(data, dict) else {}), st.st_mtime
+
+    def _stale(self, holder: dict, beat: float) -> str | None:
+        age = time.time() - beat
+        if age > STALE_AFTER:
+            return f"its heartbeat is {age:.0f} s old"
+        if holder.get("host") == socket.gethostname() and isinstance(holder.get("pid"), int) \
+                and not _alive(holder["pid"]):
+            return f"process {holder['pid']} on this host is gone"
+        job = os.environ.get("SLURM_JOB_ID")
+        if job and holder.get("job") == job and holder.get("pid") != os.getpid():
+            return f"it is this job's ({job}) earlier start (requeued)"
+        return None
+
+    def acquire(self) -> None:
+        """Take the claim, join a shared one, or raise ClaimError naming the holder."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        for _ in range(3):  # a lost race with another job taking over a stale claim: look again
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                found = self._read()
+                if found is None:
+                    continue
+                holder, beat = found
+                if self.share_key and holder.get(self.share_key) == self.info.get(self.share_key):
+                    self.note = f"joined the {self.what} held by {_who(holder)}"
+                    self._start_heartbeat()
+                    return
+                why = self._stale(holder, beat)
+                if why is None:
+                    raise ClaimError(f"{self.what} {self.path.parent} is in use by {_who(holder)} (claim "
+                                     f"{self.path}, heartbeat {time.time() - beat:.0f} s ago); "
+                                     f"{self._remedy(holder)}")
+                self.note = f"took over the stale claim of {_who(holder)} ({why})"
+                self.path.unlink(missing_ok=True)
+                continue
+            with os.fdopen(fd, "w") as fh:
+                json.dump(self.info, fh)
+            self.held = True
+            self._start_heartbeat()
+            return
+        raise ClaimError(f"{self.what} {self.path.parent}: could not take the claim {self.path} (another job "
+                         "keeps taking it); choose another directory")
+
+    def _remedy(self, holder: dict) -> str:
+        if self.share_key:
+            return (f"to codistill with it deliberately set HPCDISTILL_EXCHANGE_ID={holder.get(self.share_key)}, "
+                    "otherwise choose another HPCDISTILL_EXCHANGE_DIR")
+        return ("wait for it to end, or use another HPCDISTILL_RUN_DIR; if that job is dead, the claim is taken "
+                f"over once its heartbeat is {STALE_AFTER:.0f} s old (or delete the file)")
+
+    def _start_heartbeat(self) -> None:
+        def beat():
+            while not self._stop.wait(HEARTBEAT):
+                try:
+                    os.utime(self.path)
+                except OSError:
+                    pass  # gone (taken over) or the filesystem hiccuped: the next beat tries again
+        self._thread = threading.Thread(target=beat, name=f"claim {self.path.name}", daemon=True)
+        self._thread.start()
+
+    def release(self) -> None:
+        self._stop.set()
+        if self.held:
+            try:
+                holder = json.loads(self.path.read_text())
+                if holder.get("pid") == self.info["pid"] and holder.get("host") == self.info["host"]:
+                    self.path.unlink()
+            except (OSError, ValueError):
+                pass
+            self.held = False
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _who(holder: dict) -> str:
+    if not holder:
+        return "an unknown holder (unreadable claim)"
+    job = f"job {holder['job']}, " if holder.get("job") else ""
+    return f"run {holder.get('run_id')!r} ({job}host {holder.get('host')}, pid {holder.get('pid')})"
