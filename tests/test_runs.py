@@ -54,7 +54,7 @@ def test_a_dead_holders_claim_is_taken_over_with_a_warning(tmp_path, data_dir):
     gone.wait()  # a pid that no longer exists, on this host
     (run / CLAIM).write_text(json.dumps({"run_id": "old", "job": None, "host": os.uname().nodename, "pid": gone.pid}))
     proc = train(2, run, data_dir=data_dir, steps=20)
-    assert f"took over the stale claim of run 'old'" in proc.stdout and f"process {gone.pid} on this host is gone" \
+    assert "took over the stale claim of run 'old'" in proc.stdout and f"process {gone.pid} on this host is gone" \
         in proc.stdout
 
 
