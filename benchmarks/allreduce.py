@@ -13,7 +13,8 @@ and in the world (COMM_WORLD vs Horovod initialised on it). Repetitions alternat
 Horovod phases (M H H M ...), each phase going through every size; Horovod is initialised for its
 phases only and shut down after them, since its idle background thread would otherwise slow the
 MPI phases down. A sample is the mean time of `iters` back-to-back
-calls (about --sample-ms long, the same count for both paths), the slowest rank's; the table gives the median over repetitions, the algorithm bandwidth
+calls (about --sample-ms long, the same count for both paths), the slowest rank's; the table gives the
+median over repetitions, the algorithm bandwidth
 (bytes / time) and the ratio Horovod/MPI of the bandwidths (> 1: Horovod faster); the "best" columns are the fastest
 sample of each (what an idle machine approaches when other work adds noise).
 """
@@ -30,9 +31,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from _common import human_bytes, machine, median, table  # noqa: E402
 
-from hpcdistill.comm.topology import _init_horovod, build_topology  # noqa: E402
+from hpcdistill.comm.topology import build_topology, init_horovod  # noqa: E402
+
+from _common import human_bytes, machine, median, table  # noqa: E402
 
 
 def timed(comm, fn, iters: int) -> float:
@@ -69,7 +71,7 @@ def main() -> int:
     def horovod_for(name):
         """Initialise Horovod for one communicator as hpcdistill.comm.topology does it (each group its
         own Horovod on its sub-communicator; with one group that is the world); its process set."""
-        _init_horovod(world if name == "world" else topo.group_comm)
+        init_horovod(world if name == "world" else topo.group_comm)
         return hvd.global_process_set
 
     sizes = []

@@ -35,12 +35,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import machine, median, table, train_cmd, train_env  # noqa: E402
+from hpcdistill.launch import HPCDISTILL, job_env, mpirun_command  # noqa: E402
+
+from _common import machine, median, table  # noqa: E402
 
 
 def run_job(np_: int, settings: dict, run_dir: Path) -> dict:
-    cmd = train_cmd(np_)
-    proc = subprocess.run(cmd, env=train_env(**settings, HPCDISTILL_RUN_DIR=run_dir), capture_output=True,
+    cmd = mpirun_command(np_, HPCDISTILL, "train")
+    proc = subprocess.run(cmd, env=job_env(**settings, HPCDISTILL_RUN_DIR=run_dir), capture_output=True,
                           text=True, timeout=900)
     if proc.returncode:
         raise SystemExit(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
@@ -98,7 +100,8 @@ def main() -> int:
             res = run_job(np_, settings, run_dir)
             rate[name].append(samples_per_second(res, settings["HPCDISTILL_MODE"], W, batch))
             wall[name].append(res["summary"]["wall_seconds"])
-            print(f"  rep {rep} {name:22s} {rate[name][-1]:8.0f} samples/s  wall {wall[name][-1]:.1f} s", file=sys.stderr)
+            print(f"  rep {rep} {name:22s} {rate[name][-1]:8.0f} samples/s  wall {wall[name][-1]:.1f} s",
+                  file=sys.stderr)
     elapsed = time.perf_counter() - t0
     shutil.rmtree(tmp, ignore_errors=True)
 

@@ -32,9 +32,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np  # noqa: E402
-from _common import machine, median, table  # noqa: E402
 
 from hpcdistill.checkpoints import read_h5, write_h5  # noqa: E402
+
+from _common import machine, median, table  # noqa: E402
 
 
 def make_state(nbytes: int, seed: int = 0) -> dict:

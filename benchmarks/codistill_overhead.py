@@ -42,11 +42,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import VENV_BIN, machine, median, table, train_cmd, train_env  # noqa: E402
+from hpcdistill.launch import HPCDISTILL, job_env, mpirun_command  # noqa: E402
+
+from _common import machine, median, table  # noqa: E402
 
 
 def launch(np_: int, env: dict, log: Path) -> subprocess.Popen:
-    return subprocess.Popen(train_cmd(np_), env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT)
+    return subprocess.Popen(mpirun_command(np_, HPCDISTILL, "train"), env=env, stdout=open(log, "w"),
+                            stderr=subprocess.STDOUT)
 
 
 def wait_all(procs, logs) -> None:
@@ -80,14 +83,14 @@ def run_design(design: str, root: Path, tag: str, common: dict) -> list:
         runs = [root / f"{tag}-{i}" for i in range(2)]
         logs = [root / f"{tag}-{i}.log" for i in range(2)]
         # two independent 1-rank jobs on the same 2 cores (the same data seed each: the same work)
-        procs = [launch(1, train_env(**common, HPCDISTILL_MODE="sync", HPCDISTILL_RUN_DIR=r), log)
+        procs = [launch(1, job_env(**common, HPCDISTILL_MODE="sync", HPCDISTILL_RUN_DIR=r), log)
                  for r, log in zip(runs, logs)]
         wait_all(procs, logs)
         return [{"metrics": r / "metrics.jsonl", "summary": json.loads((r / "summary.json").read_text()), "group": 0}
                 for r in runs]
     run, log = root / tag, root / f"{tag}.log"
     extra = {"HPCDISTILL_CODISTILL_TARGET": "label-smoothing"} if design == "control" else {}
-    wait_all([launch(2, train_env(**common, **extra, HPCDISTILL_MODE="codistill", HPCDISTILL_GROUPS=2,
+    wait_all([launch(2, job_env(**common, **extra, HPCDISTILL_MODE="codistill", HPCDISTILL_GROUPS=2,
                                 HPCDISTILL_RUN_DIR=run), log)], [log])
     summary = json.loads((run / "summary.json").read_text())
     return [{"metrics": run / f"metrics-g{g}.jsonl", "summary": summary, "group": g} for g in range(2)]
@@ -105,8 +108,8 @@ def main() -> int:
     args = p.parse_args()
     data_dir = Path(args.data_dir).resolve()
     if not (data_dir / args.dataset / "train.h5").exists():
-        subprocess.run([str(VENV_BIN / "hpcdistill"), "data", "prepare", args.dataset], check=True,
-                       env=train_env(HPCDISTILL_DATA_DIR=data_dir))
+        subprocess.run([HPCDISTILL, "data", "prepare", args.dataset], check=True,
+                       env=job_env(HPCDISTILL_DATA_DIR=data_dir))
     from hpcdistill.config import Settings
 
     defaults = Settings()

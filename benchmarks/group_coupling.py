@@ -31,9 +31,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
-from _common import machine, table  # noqa: E402
 
-from hpcdistill.comm.topology import _init_horovod, build_topology  # noqa: E402
+from hpcdistill.comm.topology import build_topology, init_horovod  # noqa: E402
+
+from _common import machine, table  # noqa: E402
 
 
 def cpu_seconds() -> float:
@@ -59,7 +60,7 @@ def main() -> int:
             hvd.init(comm=world, process_sets=sets)
             ps = sets[topo.group]
         else:
-            ps = _init_horovod(topo.group_comm)
+            ps = init_horovod(topo.group_comm)
         t = torch.ones(1024)
         for _ in range(3):
             hvd.allreduce_(t, process_set=ps, name="probe")
@@ -91,7 +92,8 @@ def main() -> int:
         hvd.shutdown()
     if rank == 0:
         print(f"# group coupling: allreduce inside group 0 while a rank of group 1 is stopped; Horovod "
-              f"{__import__('horovod').__version__}, HOROVOD_CYCLE_TIME={os.environ.get('HOROVOD_CYCLE_TIME', 'default')}")
+              f"{__import__('horovod').__version__}, "
+              f"HOROVOD_CYCLE_TIME={os.environ.get('HOROVOD_CYCLE_TIME', 'default')}")
         print(f"# {machine(topo.size)}")
         print(table(["Horovod set-up", "world", "allreduce ms", "same, other group stopped: ms", "stop ms",
                      "idle CPU % of a core, per rank"], rows))

@@ -70,12 +70,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import h5py  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from _common import human_bytes, machine, median, table  # noqa: E402
 
 from hpcdistill.data import ShardSampler, TrainStream, open_source, prepare  # noqa: E402
 from hpcdistill.data.format import CHUNK_BYTES, DataError, read_split_attrs, write_split_blocks  # noqa: E402
 from hpcdistill.data.loader import shuffle_block  # noqa: E402
 from hpcdistill.data.sources import CACHE_CHUNKS, SHUFFLE_WINDOW_BLOCKS, read_rows  # noqa: E402
+
+from _common import human_bytes, machine, median, table  # noqa: E402
 
 OLD_COMMIT = "27d5885"
 

@@ -26,9 +26,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np  # noqa: E402
-from _common import human_bytes, machine, median, table  # noqa: E402
 
-from hpcdistill.comm.rma import MPI, ShardedVector, polite_barrier  # noqa: E402
+from hpcdistill.comm.rma import MPI, ShardedVector  # noqa: E402
+from hpcdistill.comm.wait import polite_barrier  # noqa: E402
+
+from _common import human_bytes, machine, median, table  # noqa: E402
 
 SIZES = [3_466, 85_002, 429_664, 1_829_088, 8_000_000]  # mlp-small, mlp, charlm, charlm-large, 8M (30.5 MB)
 
@@ -99,7 +101,8 @@ def main() -> int:
                              gbs(m["copy"]), gbs(m["pull"]), gbs(m["push"])])
         vec.free()
     if rank == 1:
-        print(f"# RMA pull/push vs local memory: hpcdistill ShardedVector (MPI.Win.Allocate, Lock/Get|Accumulate/Unlock), "
+        print(f"# RMA pull/push vs local memory: hpcdistill ShardedVector "
+              f"(MPI.Win.Allocate, Lock/Get|Accumulate/Unlock), "
               f"{MPI.Get_library_version().replace(chr(0), '').splitlines()[0].strip()}")
         print(f"# {machine(size)}")
         print(f"# 1 host (rank 0), {size - 1} worker(s); float32; median of {args.reps} interleaved repetitions "

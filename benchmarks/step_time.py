@@ -10,7 +10,7 @@ token ids, vocabulary 96), per rank. A step is zero_grad, forward, cross-entropy
 step (SGD with momentum for `mlp`, AdamW for `charlm`, as `hpcdistill train` picks them).
 
 - Horovod: `hpcdistill.strategies.sync.SyncUpdater` (hvd.DistributedOptimizer with the group's
-  process set), Horovod initialised by hpcdistill.comm.topology's `_init_horovod` on the group's
+  process set), Horovod initialised by hpcdistill.comm.topology's `init_horovod` on the group's
   communicator, which for one group is the world.
   Horovod is initialised at the start of each of its phases and shut down at the end, because its
   background thread keeps polling while idle (measured here: 20-27 % of a core per rank) and would
@@ -41,10 +41,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from _common import machine, median, table  # noqa: E402
 
-from hpcdistill.comm.topology import _init_horovod, init_mpi  # noqa: E402
+from hpcdistill.comm.topology import init_horovod, init_mpi  # noqa: E402
 from hpcdistill.models import count_parameters, resolve_model  # noqa: E402
+
+from _common import machine, median, table  # noqa: E402
 
 SHAPES = {  # model -> (kind, input_shape, classes)
     "mlp": ("image", (1, 8, 8), 10),
@@ -95,7 +96,7 @@ def run_horovod(world, base, kind, x, y, warmup, steps, cycle_ms=None) -> float:
         os.environ.pop("HOROVOD_CYCLE_TIME", None)
     else:
         os.environ["HOROVOD_CYCLE_TIME"] = str(cycle_ms)
-    _init_horovod(world)  # what comm.topology does for a single group (the group is the world)
+    init_horovod(world)  # what comm.topology does for a single group (the group is the world)
     model = copy.deepcopy(base)
     updater = SyncUpdater(SimpleNamespace(group_comm=world, process_set=hvd.global_process_set),
                           model, make_optimizer(kind, model.parameters()))

@@ -15,10 +15,16 @@ import os
 import socket
 import threading
 import time
+import uuid
 from pathlib import Path
 
 from hpcdistill.config import ConfigError
+from hpcdistill.log import get_logger
 
+log = get_logger("claims")
+
+RUN_CLAIM = ".hpcdistill-claim.json"        # in RUN_DIR: the job that uses it
+EXCHANGE_CLAIM = ".exchange-claim.json"     # in the exchange directory: the codistillation that uses it
 HEARTBEAT = 20.0
 STALE_AFTER = 120.0  # 6 missed heartbeats: the holder is gone (or its node is)
 
@@ -144,3 +150,47 @@ def _who(holder: dict) -> str:
         return "an unknown holder (unreadable claim)"
     job = f"job {holder['job']}, " if holder.get("job") else ""
     return f"run {holder.get('run_id')!r} ({job}host {holder.get('host')}, pid {holder.get('pid')})"
+
+
+def run_id(settings, run_dir: Path) -> str:
+    """This run's identity: kept in config.json across resume and requeue; new when starting over."""
+    config = run_dir / "config.json"
+    if settings.resume == "auto" and config.exists():
+        try:
+            rid = json.loads(config.read_text()).get("run_id")
+        except (OSError, ValueError, AttributeError):
+            rid = None
+        if isinstance(rid, str) and rid:
+            return rid
+    return uuid.uuid4().hex[:12]
+
+
+def claim_dirs(settings, run_dir: Path, exchange_dir: Path | None, world) -> tuple[str, list[Claim]]:
+    """World rank 0 claims RUN_DIR (one job per run directory) and the exchange directory, if the mode
+    has one (one codistillation per exchange id), and picks the run id; every rank gets the id or the
+    refusal."""
+    claims, error, rid = [], None, None
+    if world.Get_rank() == 0:
+        try:
+            rid = run_id(settings, run_dir)
+            claim = Claim(run_dir / RUN_CLAIM, holder_info(rid), what="run directory")
+            claim.acquire()
+            claims.append(claim)
+            if exchange_dir is not None:
+                exchange_id = settings.exchange_id or rid
+                ex = Claim(Path(exchange_dir) / EXCHANGE_CLAIM,
+                           holder_info(rid, exchange_id=exchange_id), what="exchange directory",
+                           share_key="exchange_id")
+                ex.acquire()
+                claims.append(ex)
+            for c in claims:
+                if c.note:
+                    log.warning("%s %s: %s", c.what, c.path.parent, c.note)
+        except ClaimError as exc:
+            error = str(exc)
+            for c in claims:
+                c.release()
+    error, rid = world.bcast((error, rid), root=0)
+    if error:
+        raise ClaimError(error)
+    return rid, claims

@@ -10,7 +10,7 @@ import sys
 import traceback
 from pathlib import Path
 
-from hpcdistill.config import ConfigError, describe, load_settings
+from hpcdistill.config import ConfigError, describe, load_settings, settings_env
 
 
 def _settings_or_exit():
@@ -28,11 +28,14 @@ def cmd_config(args) -> int:
     from hpcdistill.models import ModelError
 
     try:
-        preflight.check_code(settings, need_data=False)
+        kind = preflight.check_code(settings, need_data=False)
     except (ConfigError, DataError, ModelError) as exc:
         print(f"hpcdistill: {exc}", file=sys.stderr)
         return 2
-    rows = describe(settings)
+    if args.env:
+        print(settings_env(settings, kind), end="")
+        return 0
+    rows = describe(settings, kind)
     if args.json:
         import json
         print(json.dumps(rows, indent=2))
@@ -123,7 +126,8 @@ def cmd_doctor(args) -> int:
 def cmd_report(args) -> int:
     from hpcdistill.report import report
 
-    return report([Path(p) for p in args.run_dirs], out=Path(args.out) if args.out else None)
+    return report([Path(p) for p in args.run_dirs], out=Path(args.out) if args.out else None,
+                  log_scale=args.log_scale)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -135,7 +139,11 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=cmd_doctor)
 
     c = sub.add_parser("config", help="print every setting, its value, default, source and meaning")
-    c.add_argument("--json", action="store_true")
+    fmt = c.add_mutually_exclusive_group()
+    fmt.add_argument("--json", action="store_true", help="the rows as a JSON list")
+    fmt.add_argument("--env", action="store_true",
+                     help="HPCDISTILL_NAME=value lines (shell-quoted) that `set -a; . FILE` sets again; computed "
+                          "defaults marked '# (computed)', unset settings as comments")
     c.set_defaults(func=cmd_config)
 
     data = sub.add_parser("data", help="prepare a built-in dataset or import your own arrays")
@@ -175,6 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("report", help="a table and PNG plots comparing run directories")
     r.add_argument("run_dirs", nargs="+")
     r.add_argument("--out", default=None, help="output directory (default: the first run dir's report/)")
+    r.add_argument("--log-scale", action="store_true", help="losses on a logarithmic y axis")
     r.set_defaults(func=cmd_report)
     return p
 

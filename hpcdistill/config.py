@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
+import shlex
 from pathlib import Path
 from typing import Literal, Optional
 
@@ -20,6 +22,16 @@ PREFIX = "HPCDISTILL_"
 # Classes (or a vocabulary) beyond this are not a dataset anyone trains here but a mistake or a crafted
 # file: labels are indices into logits, so 10^9 classes would be a 4 GB output layer.
 MAX_CLASSES = 1_000_000
+
+
+# The async update rules (strategies/async_rma.py implements them in dc_delta): name -> (default lambda0,
+# what it is). The one table that the setting's validation, `hpcdistill config`, the updater and the
+# tests read. Zheng et al. 2017's lambda0: 0.04 (dcasgd-c), 2 (dcasgd-a).
+ASYNC_RULES: dict[str, tuple[float, str]] = {
+    "asgd": (0.0, "plain asynchronous SGD"),
+    "dcasgd-c": (0.04, "delay compensation with a constant lambda"),
+    "dcasgd-a": (2.0, "delay compensation with lambda adapted by a mean square of the gradient"),
+}
 
 
 class ConfigError(Exception):
@@ -33,10 +45,16 @@ def _ascii_digits(text: str) -> bool:
     return text.isascii() and text.isdigit()
 
 
+def split_list(text: str | None) -> list[str]:
+    """The items of a list setting: separated by `:` or `,` (both everywhere: `sbatch --export=A=0,1`
+    cuts the value at the comma, `:` survives it, as in PATH), blanks stripped, empty items dropped."""
+    return [t.strip() for t in re.split(r"[,:]", text or "") if t.strip()]
+
+
 def _ranks(text: str) -> tuple[int, ...]:
-    items = [t.strip() for t in text.split(",") if t.strip()]
+    items = split_list(text)
     if not items or not all(_ascii_digits(t) for t in items):
-        raise ValueError("expected a comma-separated list of non-negative ranks, e.g. 0 or 0,1")
+        raise ValueError("expected a list of non-negative ranks separated by ':' or ',', e.g. 0 or 0:1")
     ranks = tuple(int(t) for t in items)
     if len(set(ranks)) != len(ranks):
         raise ValueError("a rank is listed twice")
@@ -74,7 +92,8 @@ class Settings(BaseSettings):
     steps: int = Field(300, gt=0, description="optimizer steps per group (per worker in async)")
     batch_size: int = Field(32, gt=0, description="per-rank batch size")
     lr: Optional[float] = Field(
-        None, gt=0, description="peak learning rate (default 0.05 for sgd, 0.2 for async sgd without momentum, 0.003 for adamw)")
+        None, gt=0,
+        description="peak learning rate (default 0.05 for sgd, 0.2 for async sgd without momentum, 0.003 for adamw)")
     optimizer: Literal["auto", "sgd", "adamw"] = Field(
         "auto", description="auto = sgd with momentum for images, adamw for text")
     momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum")
@@ -115,14 +134,17 @@ class Settings(BaseSettings):
         0.1, ge=0, lt=1, description="epsilon of the label-smoothing control target")
     data_split: Literal["disjoint", "shared"] = Field(
         "disjoint", description="each group its own part of the data, or all groups all of it")
-    async_rule: Literal["asgd", "dcasgd-c", "dcasgd-a"] = Field(
-        "dcasgd-a", description="async update rule")
+    async_rule: Literal[tuple(ASYNC_RULES)] = Field(  # type: ignore[valid-type]
+        "dcasgd-a", description="async update rule: " + " · ".join(f"{k} ({v[1]})" for k, v in ASYNC_RULES.items()))
     async_lr: Literal["constant", "staleness-aware"] = Field(
         "constant", description="staleness-aware divides the step by the update's staleness (Zhang et al. 2016)")
     dc_lambda: Optional[float] = Field(
-        None, ge=0, description="lambda0 of DC-ASGD (default 0.04 for dcasgd-c, 2.0 for dcasgd-a)")
+        None, ge=0, description="lambda0 of DC-ASGD (default: " + ", ".join(
+            f"{v[0]} for {k}" for k, v in ASYNC_RULES.items() if v[0]) + ")")
     dc_meansq_decay: float = Field(0.95, ge=0, lt=1, description="m, the decay of DC-ASGD-a's mean square")
-    param_hosts: str = Field("0", description="ranks (within the group) hosting the parameter windows in async")
+    param_hosts: str = Field(
+        "0", description="ranks (within the group) hosting the parameter windows in async, separated by ':' or ',' "
+                         "(e.g. 0:8; ':' survives sbatch --export)")
     staleness_bound: Optional[int] = Field(
         None, ge=0, description="SSP bound s: a worker s updates ahead of the slowest waits; empty = unbounded")
     straggler_rank: Optional[int] = Field(
@@ -130,8 +152,8 @@ class Settings(BaseSettings):
     straggler_delay: float = Field(
         1.0, ge=0, description="the straggler sleeps this fraction of its step time (1.0 = 2x slower)")
     teachers: Optional[str] = Field(
-        None, description="comma-separated teacher checkpoints (HDF5, .safetensors, .pt) or codistill run dirs, "
-                          "for distill")
+        None, description="teacher checkpoints (HDF5, .safetensors, .pt) or codistill run dirs for distill, separated "
+                          "by ':' or ',' (e.g. a.h5:b.h5; ':' survives sbatch --export)")
     teacher_model: Optional[str] = Field(
         None, description="factory of distillation teachers of another architecture (default: the student's); "
                           "needed for .safetensors/.pt teachers of another architecture")
@@ -140,7 +162,12 @@ class Settings(BaseSettings):
                           "(hpcdistill checkpoints record their own)")
     distill_loss: Literal["soft", "logits"] = Field(
         "soft", description="soft targets at temperature T, or squared error between logits")
-    omit_classes: str = Field("", description="comma-separated classes left out of the distill transfer set")
+    omit_classes: str = Field(
+        "", description="classes left out of the distill transfer set, separated by ':' or ',' (e.g. 3:5)")
+    tensorboard: bool = Field(
+        True, description="write TensorBoard event files to RUN_DIR/tensorboard/group-<g>/ (true · false)")
+    csv: bool = Field(
+        True, description="write metrics.csv (metrics-g<g>.csv) beside metrics.jsonl (true · false)")
 
     @field_validator("model_args", "dataset_args", "teacher_model_args")
     @classmethod
@@ -165,17 +192,19 @@ class Settings(BaseSettings):
     @field_validator("omit_classes")
     @classmethod
     def _check_classes(cls, value: str) -> str:
-        if value and not all(_ascii_digits(c.strip()) for c in value.split(",")):
-            raise ValueError("expected comma-separated class indices, e.g. 3 or 3,5")
+        if value and not (split_list(value) and all(_ascii_digits(c) for c in split_list(value))):
+            raise ValueError("expected class indices separated by ':' or ',', e.g. 3 or 3:5")
         return value
 
     @model_validator(mode="after")
     def _cross_check(self) -> "Settings":
         if self.mode == "distill":
             if not self.teachers:
-                raise ValueError("HPCDISTILL_TEACHERS: distill mode needs teacher checkpoints (comma-separated .h5 files or codistill run dirs)")
+                raise ValueError("HPCDISTILL_TEACHERS: distill mode needs teacher checkpoints "
+                                 "(.h5 files or codistill run dirs, separated by ':' or ',')")
             if self.distill_weight > 1:
-                raise ValueError("HPCDISTILL_DISTILL_WEIGHT: in distill mode alpha weighs soft against hard targets and must be <= 1")
+                raise ValueError("HPCDISTILL_DISTILL_WEIGHT: in distill mode alpha weighs soft against hard targets "
+                                 "and must be <= 1")
         if (self.mode == "codistill" and self.codistill_target == "peers" and self.stale_policy == "wait"
                 and self.max_staleness < self.exchange_every):
             raise ValueError(
@@ -204,15 +233,15 @@ class Settings(BaseSettings):
     def lambda0(self) -> float:
         if self.dc_lambda is not None:
             return self.dc_lambda
-        return {"asgd": 0.0, "dcasgd-c": 0.04, "dcasgd-a": 2.0}[self.async_rule]
+        return ASYNC_RULES[self.async_rule][0]
 
     @property
     def omitted_classes(self) -> tuple[int, ...]:
-        return tuple(int(c) for c in self.omit_classes.split(",") if c.strip())
+        return tuple(int(c) for c in split_list(self.omit_classes))
 
     @property
     def teacher_paths(self) -> tuple[Path, ...]:
-        return tuple(Path(t.strip()) for t in (self.teachers or "").split(",") if t.strip())
+        return tuple(Path(t) for t in split_list(self.teachers))
 
     def check_world(self, world_size: int) -> None:
         """Cross-checks that need the world size (known from the launcher before MPI starts)."""
@@ -289,19 +318,94 @@ def _explain(exc: ValidationError) -> str:
     return "invalid setting: " + "; ".join(lines)
 
 
-def describe(settings: Settings) -> list[dict]:
-    """One row per setting: variable, value, default, source, meaning (for `hpcdistill config`)."""
+# The dataset kinds of the built-in datasets, for computed defaults before `data prepare` has run.
+BUILTIN_KINDS = {"digits": "image", "text": "sequence"}
+
+
+def default_lr(settings: Settings, kind: str | None) -> float | None:
+    """The peak learning rate when HPCDISTILL_LR is unset (None when it needs the unknown dataset kind):
+    the optimizer's (auto: adamw for token sequences, else sgd), async sgd without momentum 4x higher."""
+    optimizer = settings.optimizer
+    if optimizer == "auto":
+        if kind is None:
+            return None
+        optimizer = "adamw" if kind == "sequence" else "sgd"
+    if optimizer == "adamw":
+        return 3e-3
+    return 0.2 if settings.uses_async else 0.05
+
+
+def computed_defaults(settings: Settings, kind: str | None = None) -> dict[str, object]:
+    """The values of unset settings whose default depends on other settings (and on the dataset
+    kind, "image" or "sequence": given, or known for a built-in dataset), by field name. Settings left
+    unset on purpose (RUN_DIR, EXCHANGE_DIR, EXCHANGE_ID: per run; TEACHER_MODEL: the teachers' own
+    records) are not among them."""
+    if kind is None:
+        kind = BUILTIN_KINDS.get(settings.dataset)
+    out: dict[str, object] = {}
+    if settings.groups is None:
+        out["groups"] = settings.num_groups
+    if settings.dc_lambda is None:
+        out["dc_lambda"] = settings.lambda0
+    if settings.model is None and kind is not None:
+        from hpcdistill.models import default_model
+
+        out["model"] = default_model(kind)
+    if settings.lr is None:
+        lr = default_lr(settings, kind)
+        if lr is not None:
+            out["lr"] = lr
+    return out
+
+
+def _text(value) -> str:
+    """A setting's value as the environment variable that parses back to it."""
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def describe(settings: Settings, kind: str | None = None) -> list[dict]:
+    """One row per setting: variable, value, default, source, meaning (for `hpcdistill config`).
+    Source is "environment", "computed" (an unset setting whose default follows from the others, see
+    computed_defaults; `kind` is the dataset kind when known) or "default"."""
     env = {k.upper(): v for k, v in os.environ.items()}
+    computed = computed_defaults(settings, kind)
     rows = []
     for name, field in Settings.model_fields.items():
         var = PREFIX + name.upper()
         from_env = env.get(var, "") != ""
         value = getattr(settings, name)
+        source = "environment" if from_env else "default"
+        if not from_env and value is None and name in computed:
+            value, source = computed[name], "computed"
         rows.append({
             "variable": var,
-            "value": "" if value is None else str(value),
-            "default": "" if field.default is None else str(field.default),
-            "source": "environment" if from_env else "default",
+            "value": _text(value),
+            "default": "" if field.default is None else _text(field.default),
+            "source": source,
             "meaning": field.description or "",
         })
     return rows
+
+
+def settings_env(settings: Settings, kind: str | None = None, *, pin_computed: bool = True) -> str:
+    """Every effective setting as `HPCDISTILL_NAME=value` lines, values shell-quoted, so that
+    `set -a; . settings.env` (then `hpcdistill train`) runs with the same settings. Computed defaults
+    are written with their value and `# (computed)`, which pins them (a later version's other default,
+    or an edited MODE, does not change them); with pin_computed=False they are comments too, so that
+    the sourced settings (and config.json's record of them) are exactly the original ones. Unset
+    settings (and empty ones, which `load_settings` refuses) are comments, so sourcing leaves them
+    unset. `kind` is the dataset kind ("image", "sequence") for the computed MODEL and LR."""
+    lines = ["# hpcdistill settings: `set -a; . <this file>; set +a` sets them in a shell (hpcdistill config --env)"]
+    for row in describe(settings, kind):
+        var, value = row["variable"], row["value"]
+        if value == "":
+            lines.append(f"# {var}=  # (unset)")
+        elif row["source"] == "computed":
+            lines.append(f"{'' if pin_computed else '# '}{var}={shlex.quote(value)}  # (computed)")
+        else:
+            lines.append(f"{var}={shlex.quote(value)}")
+    return "\n".join(lines) + "\n"

@@ -104,7 +104,8 @@ def _rma_check(world, MPI, updates: int = 200) -> Check:
         total = world.bcast(total)
         win.Free()
         want = float(updates * world.Get_size())
-        check.detail = f"{world.Get_size()} rank(s) x {updates} concurrent accumulates: sum {total.min():.0f}/{want:.0f}"
+        check.detail = (f"{world.Get_size()} rank(s) x {updates} concurrent accumulates: "
+                        f"sum {total.min():.0f}/{want:.0f}")
         if not np.all(total == want):
             check.fail(check.detail + " (updates lost)", "select another one-sided component, e.g. "
                        "OMPI_MCA_osc=rdma or ucx; avoid osc/pt2pt under MPI_THREAD_MULTIPLE")

@@ -120,7 +120,8 @@ class Exchange:
         """(code, reason) why a verified file must not be used as a teacher, or None. The metadata is
         the file's own word: any type is possible, and a wrong one is a refusal, not a crash."""
         if self.exchange_id is not None and meta.get("exchange_id") != self.exchange_id:
-            return "another-run", f"another run: {meta.get('exchange_id')!r} (this codistillation is {self.exchange_id!r})"
+            return "another-run", (f"another run: {meta.get('exchange_id')!r} "
+                                   f"(this codistillation is {self.exchange_id!r})")
         if meta.get("group") != peer:
             return "mismatch", f"group mismatch: file says group {meta.get('group')!r}, found in group-{peer}"
         if meta.get("step") != step:
@@ -144,7 +145,8 @@ class Exchange:
             return "diverged", f"diverged: train_loss={loss}"
         if loss is not None and initial is not None and math.isfinite(initial) \
                 and loss > self.divergence_ratio * initial:
-            return "diverged", f"diverged: train_loss {loss:.4g} > {self.divergence_ratio:g} x initial_loss {initial:.4g}"
+            return "diverged", (f"diverged: train_loss {loss:.4g} > {self.divergence_ratio:g} x "
+                                f"initial_loss {initial:.4g}")
         return None
 
     def freshest(self, peer: int, *, expect_arch: dict, expect_manifest: dict | None = None,

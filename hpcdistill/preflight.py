@@ -20,10 +20,11 @@ from hpcdistill.models import ModelError, resolve_model, sized_manifest
 from hpcdistill.teachers import teacher_spec
 
 
-def check_code(settings, *, need_data: bool = True) -> None:
+def check_code(settings, *, need_data: bool = True) -> str | None:
     """The dataset and the model (and teacher model) the settings name: imported, built, one batch
     through the model. With need_data=False (`hpcdistill config`) a prepared dataset that does not
-    exist yet is not an error: only the user's code is checked then."""
+    exist yet is not an error: only the user's code is checked then. Returns the dataset's kind
+    ("image", "sequence"; None when the dataset was not there)."""
     try:
         source = open_source(settings.dataset, settings.data_dir, settings.dataset_args)
     except DataError:
@@ -37,6 +38,7 @@ def check_code(settings, *, need_data: bool = True) -> None:
             sized_manifest(spec, source.input_shape, source.num_classes)
         check_output(spec.name, spec.build(source.input_shape, source.num_classes), source)
     teacher_spec(settings, source.kind if source else None)
+    return source.kind if source else None
 
 
 def check(settings) -> None:

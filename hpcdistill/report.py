@@ -1,4 +1,4 @@
-"""`hpcdistill report RUN_DIR [RUN_DIR ...] [--out DIR]`: tables and plots comparing run directories.
+"""`hpcdistill report RUN_DIR [RUN_DIR ...] [--out DIR] [--log-scale]`: tables and plots comparing run directories.
 
 Reads each run's `config.json`, `summary.json` (absent while a run is unfinished or after it was
 stopped: the report says so and uses the metrics logged so far) and `metrics.jsonl` /
@@ -9,8 +9,12 @@ stopped: the report says so and uses the metrics logged so far) and `metrics.jso
   groups (ranks, test and validation figures), and where present codistill (ensemble accuracy,
   churn, exchanges, teacher staleness), async (update staleness) and distill (teacher vs student);
 - `train_loss_vs_step.png`, `train_loss_vs_time.png`: training loss (the task loss: cross-entropy
-  without the distillation term, so that modes compare), one line per run and group;
+  without the distillation term, so that modes compare), one line per run and group: an exponential
+  moving average (see `smooth`) over the raw values drawn faintly;
 - `validation_vs_step.png`, `validation_vs_time.png`: validation loss and accuracy.
+
+PNGs at 150 dpi, saved with a tight bounding box (titles and legends never cut), legends outside the
+axes, y limits from the data with a margin; `--log-scale` puts the losses on a log y axis.
 
 Only reads the run directories; exits 2 (with a message naming the path) when a directory is not a
 run directory or one of its JSON records cannot be read.
@@ -23,6 +27,8 @@ import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from hpcdistill.summary import RunSummary
 
 PLOTS = {
     "train_loss_vs_step.png": "Training loss vs step",
@@ -79,6 +85,18 @@ def _read_json(path: Path) -> dict:
     if not isinstance(data, dict):
         raise ReportError(f"{path}: expected a JSON object")
     return data
+
+
+def _read_summary(path: Path) -> dict:
+    """summary.json through its type (summary.RunSummary): a file of another shape is an error here,
+    not a KeyError in a table."""
+    from pydantic import ValidationError
+
+    try:
+        return RunSummary.model_validate(_read_json(path)).model_dump(by_alias=True, exclude_none=True)
+    except ValidationError as exc:
+        raise ReportError(f"{path}: not a summary.json of hpcdistill ({exc.error_count()} problem(s): "
+                          f"{exc.errors()[0]['loc']} {exc.errors()[0]['msg']})") from None
 
 
 def _group_of(name: str) -> int:
@@ -143,7 +161,7 @@ def load_run(path: Path) -> Run:
         raise ReportError(f"{path}: not a run directory (no config.json, summary.json or metrics*.jsonl in it; "
                           "give the directory that HPCDISTILL_RUN_DIR named)")
     config = _read_json(path / "config.json") if has_config else {}
-    summary = _read_json(path / "summary.json") if has_summary else None
+    summary = _read_summary(path / "summary.json") if has_summary else None
     series = [read_series(f, 0 if f.name == "metrics.jsonl" else _group_of(f.name)) for f in files]
     return Run(path=path, label=path.resolve().name, config=config, summary=summary, series=series)
 
@@ -165,13 +183,23 @@ def _f(value, digits: int = 4) -> str:
     return "–" if v is None else f"{v:.{digits}f}"
 
 
-def _table(header: list, rows: list) -> str:
-    widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(header)]
+def markdown_table(header: list, rows: list, *, align: str = "left", missing: str = "–") -> str:
+    """A GitHub-markdown table, columns padded to one width: the one table helper of the project (the
+    report, benchmarks/_common.py and reproduction/doc.py). Cells are str()'d, None becomes `missing`;
+    align "left" (text) or "right" (numbers: the separator row says so with `---:`)."""
+    if align not in ("left", "right"):
+        raise ValueError(f"align must be 'left' or 'right', not {align!r}")
+    header = [str(h) for h in header]
+    rows = [[missing if c is None else str(c) for c in r] for r in rows]
+    widths = [max([len(h)] + [len(r[i]) for r in rows if i < len(r)]) for i, h in enumerate(header)]
+    pad = str.ljust if align == "left" else str.rjust
 
     def line(cells):
-        return "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"
+        return "| " + " | ".join(pad(c, w) for c, w in zip(cells, widths)) + " |"
 
-    return "\n".join([line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows)])
+    rule = ("-" * (w + 2) if align == "left" else "-" * (w + 1) + ":" for w in widths)
+    return "\n".join([line(header), "|" + "|".join(rule) + "|", *map(line, rows)])
+
 
 
 def _groups(run: Run) -> list:
@@ -200,7 +228,7 @@ def runs_table(runs: list) -> str:
             " / ".join(_f(g.get("test_loss")) for g in groups) or "–",
             status,
         ])
-    return _table(["run", "mode", "model", "world", "groups", "steps", "wall s", "samples/s",
+    return markdown_table(["run", "mode", "model", "world", "groups", "steps", "wall s", "samples/s",
                    "test acc (per group)", "test loss (per group)", "status"], rows)
 
 
@@ -218,7 +246,7 @@ def groups_table(runs: list) -> str:
                 last = x.val[-1] if x.val else None
                 rows.append([r.label, str(x.group), "–", f"{x.last_step} so far", "–", "–",
                              _f(last[3]) if last else "–", _f(last[2]) if last else "–"])
-    return _table(["run", "group", "ranks", "steps", "test acc", "test loss", "val acc", "val loss"], rows)
+    return markdown_table(["run", "group", "ranks", "steps", "test acc", "test loss", "val acc", "val loss"], rows)
 
 
 def codistill_table(runs: list) -> str | None:
@@ -235,7 +263,7 @@ def codistill_table(runs: list) -> str | None:
                      f"{_f(st.get('mean'), 1)} / {st.get('max', '–')}", _f(c.get("exchange_seconds"), 3)])
     if not rows:
         return None
-    return _table(["run", "ensemble test acc", "best group test acc", "churn", "published", "loaded",
+    return markdown_table(["run", "ensemble test acc", "best group test acc", "churn", "published", "loaded",
                    "rejected", "teacher staleness mean / max (steps)", "exchange s"], rows)
 
 
@@ -261,7 +289,7 @@ def async_table(runs: list) -> str | None:
                                  _f(max(x.staleness), 0), "–"])
     if not rows:
         return None
-    return _table(["run", "rule", "workers", "updates", "staleness mean", "p50", "p99", "max",
+    return markdown_table(["run", "rule", "workers", "updates", "staleness mean", "p50", "p99", "max",
                    "updates/s"], rows)
 
 
@@ -300,7 +328,7 @@ def distill_table(runs: list) -> str | None:
                      f"{tp / sp:.1f}x" if ints else "–"])
     if not rows:
         return None
-    return _table(["run", "teachers", "teacher test acc", "member test acc", "student test acc",
+    return markdown_table(["run", "teachers", "teacher test acc", "member test acc", "student test acc",
                    "student alone test acc", "gap closed (vs run)", "student params", "teacher params",
                    "teacher/student params"], rows)
 
@@ -319,7 +347,9 @@ def render_markdown(runs: list, plots: list) -> str:
     if notes:
         parts += ["## Notes", "", *notes, ""]
     if plots:
-        parts += ["## Plots", "", "Training loss is the task loss (cross-entropy without the distillation term). "
+        parts += ["## Plots", "", "Training loss is the task loss (cross-entropy without the distillation term), "
+                  "drawn as an exponential moving average over the logged values (weight 1 - 10/n for n points, "
+                  "at most 0.9), the raw values as a faint line of the same colour. "
                   "Wall time is seconds since the job started (MPI and Horovod start-up included); after a "
                   "resume it continues from where the previous process stopped. The last validation point "
                   "of a finished run is its final validation pass from summary.json.", ""]
@@ -327,8 +357,9 @@ def render_markdown(runs: list, plots: list) -> str:
     return "\n".join(parts)
 
 
-# --- plots -----------------------------------------------------------------------------------------
+# --- plots ---------------------------------------------------------------------------------------
 _STYLES = ["-", "--", ":", "-."]
+DPI = 150
 
 
 def _lines(runs: list) -> list:
@@ -339,6 +370,39 @@ def _lines(runs: list) -> list:
             label = r.label if len(r.series) == 1 else f"{r.label} g{x.group}"
             out.append((r, label, f"C{i % 10}", _STYLES[x.group % len(_STYLES)], x))
     return out
+
+
+def smoothing_weight(n: int) -> float:
+    """The EMA weight for a curve of n points: 1 - 10/n within [0, 0.9] (0: no smoothing below 11
+    points, 0.5 at 20, 0.9 from 100 on), so a short run is not flattened and a long one is readable."""
+    return min(0.9, max(0.0, 1.0 - 10.0 / n)) if n > 0 else 0.0
+
+
+def smooth(values: list, weight: float | None = None) -> list:
+    """Exponential moving average with the start-up bias removed (as TensorBoard's smoothing):
+    ema_i = w*ema_{i-1} + (1-w)*v_i, divided by 1 - w^(i+1), so the first point is the first value."""
+    w = smoothing_weight(len(values)) if weight is None else weight
+    out, ema = [], 0.0
+    for i, v in enumerate(values):
+        ema = w * ema + (1.0 - w) * v
+        out.append(ema / (1.0 - w ** (i + 1)) if w > 0 else v)
+    return out
+
+
+def _set_ylim(ax, values: list, log: bool) -> None:
+    """Y limits from the data with a margin (5 % of the range; a factor on a log axis), so no curve is
+    cut off and none is squashed by a limit fixed in advance."""
+    vals = [v for v in values if math.isfinite(v) and (v > 0 or not log)]
+    if not vals:
+        return
+    lo, hi = min(vals), max(vals)
+    if log:
+        span = math.log10(hi / lo) if hi > lo else 0.0
+        margin = 10 ** max(0.05 * span, 0.02)
+        ax.set_ylim(lo / margin, hi * margin)
+    else:
+        margin = 0.05 * (hi - lo) if hi > lo else max(abs(hi) * 0.05, 0.01)
+        ax.set_ylim(lo - margin, hi + margin)
 
 
 def _final_val(run: Run, x: Series):
@@ -352,38 +416,57 @@ def _final_val(run: Run, x: Series):
     return None
 
 
-def _finish_axes(ax) -> None:
+def _finish_axes(ax, legend_title: str | None = None) -> None:
+    """Grid, and the legend outside the axes (to the right), where it hides no curve."""
     ax.grid(True, alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize="small")
+        ax.legend(fontsize="small", title=legend_title, title_fontsize="small", loc="upper left",
+                  bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
     else:
         ax.text(0.5, 0.5, "no records yet", ha="center", va="center", transform=ax.transAxes, color="gray")
 
 
-def write_plots(runs: list, out: Path) -> list:
-    """Write the four PNGs with matplotlib's Agg canvas (no display, no pyplot global state)."""
+def _save(fig, path: Path) -> None:
+    fig.savefig(path, dpi=DPI, bbox_inches="tight", pad_inches=0.1)
+
+
+def write_plots(runs: list, out: Path, log_scale: bool = False) -> list:
+    """Write the four PNGs with matplotlib's Agg canvas (no display, no pyplot global state); with
+    `log_scale` the loss axes are logarithmic."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     lines = _lines(runs)
     written = []
+    scale = "log" if log_scale else "linear"
     for axis, xlabel, suffix in ((0, "step", "step"), (1, "wall time since start (s)", "time")):
         fig = Figure(figsize=(8, 5), layout="constrained")
         FigureCanvasAgg(fig)
         ax = fig.add_subplot()
+        ax.set_yscale(scale)
+        ys, smoothed_any = [], False
         for _, label, color, style, x in lines:
             if x.train:
-                ax.plot([p[axis] for p in x.train], [p[2] for p in x.train], style, color=color, label=label,
+                xs, raw = [p[axis] for p in x.train], [p[2] for p in x.train]
+                ys += raw
+                smoothed = smooth(raw)
+                if smoothed != raw:
+                    smoothed_any = True
+                    ax.plot(xs, raw, "-", color=color, alpha=0.25, linewidth=0.8)
+                ax.plot(xs, smoothed, style, color=color, label=label, linewidth=1.6,
                         marker="." if len(x.train) <= 30 else None)
         name = f"train_loss_vs_{suffix}.png"
         ax.set(xlabel=xlabel, ylabel="training loss (task cross-entropy)", title=PLOTS[name])
-        _finish_axes(ax)
-        fig.savefig(out / name, dpi=100)
+        _set_ylim(ax, ys, log_scale)
+        _finish_axes(ax, "moving average\n(faint: raw)" if smoothed_any else None)
+        _save(fig, out / name)
         written.append(name)
 
         fig = Figure(figsize=(12, 5), layout="constrained")
         FigureCanvasAgg(fig)
         ax_loss, ax_acc = fig.subplots(1, 2)
+        ax_loss.set_yscale(scale)
+        losses, accs = [], []
         for run, label, color, style, x in lines:
             pts = list(x.val)
             final = _final_val(run, x)
@@ -393,20 +476,28 @@ def write_plots(runs: list, out: Path) -> list:
                 kw = dict(color=color, label=label, marker="o", markersize=3)
                 ax_loss.plot([p[axis] for p in pts], [p[2] for p in pts], style, **kw)
                 ax_acc.plot([p[axis] for p in pts], [p[3] for p in pts], style, **kw)
+                losses += [p[2] for p in pts]
+                accs += [p[3] for p in pts]
         ax_loss.set(xlabel=xlabel, ylabel="validation loss", title="Validation loss")
         ax_acc.set(xlabel=xlabel, ylabel="validation accuracy", title="Validation accuracy")
-        _finish_axes(ax_loss)
-        _finish_axes(ax_acc)
+        _set_ylim(ax_loss, losses, log_scale)
+        _set_ylim(ax_acc, accs, False)
+        ax_loss.grid(True, alpha=0.3)
+        if not losses:
+            ax_loss.text(0.5, 0.5, "no records yet", ha="center", va="center", transform=ax_loss.transAxes,
+                         color="gray")
+        _finish_axes(ax_acc)  # one legend for both panels, right of the accuracy panel
         name = f"validation_vs_{suffix}.png"
         fig.suptitle(PLOTS[name])
-        fig.savefig(out / name, dpi=100)
+        _save(fig, out / name)
         written.append(name)
     return written
 
 
 # --- entry point -----------------------------------------------------------------------------------
-def report(run_dirs: list, out: Path | None) -> int:
-    """Print the tables, write OUT/report.md and the PNGs; 0 on success, 2 if a directory is not a run."""
+def report(run_dirs: list, out: Path | None, log_scale: bool = False) -> int:
+    """Print the tables, write OUT/report.md and the PNGs (losses on a log axis with `log_scale`);
+    0 on success, 2 if a directory is not a run."""
     if not run_dirs:
         print("hpcdistill report: give at least one run directory", file=sys.stderr)
         return 2
@@ -422,7 +513,7 @@ def report(run_dirs: list, out: Path | None) -> int:
     except OSError as exc:
         print(f"hpcdistill report: cannot create the output directory {out}: {exc}", file=sys.stderr)
         return 2
-    plots = write_plots(runs, out)
+    plots = write_plots(runs, out, log_scale=log_scale)
     text = render_markdown(runs, plots)
     (out / "report.md").write_text(text)
     print(text.split("\n## Plots")[0].rstrip())

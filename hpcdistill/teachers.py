@@ -13,18 +13,30 @@ import json
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Callable, Protocol
 
 import numpy as np
 import torch
 
 from hpcdistill.checkpoints import CheckpointError, CheckpointManager, model_arrays, read_h5
 from hpcdistill.comm.broadcast import bcast_tree
+from hpcdistill.ensemble import ensemble_accuracy, mean_pairwise_churn
 from hpcdistill.exchange import Exchange
 from hpcdistill.log import get_logger
-from hpcdistill.models import (ModelError, ModelSpec, build_from_record, count_parameters, resolve_model, diff_manifests, sized_manifest,
-                               spec_from_record)
+from hpcdistill.models import (
+    ModelError,
+    ModelSpec,
+    build_from_record,
+    count_parameters,
+    diff_manifests,
+    resolve_model,
+    sized_manifest,
+    spec_from_record,
+)
 
 log = get_logger("teachers")
+
+ENSEMBLE_EVAL_LIMIT = 2048  # test samples for codistillation's ensemble accuracy and churn (all of digits' 360)
 
 
 class TeacherError(Exception):
@@ -61,7 +73,46 @@ def _read_teacher(path: Path, factories: dict[str, str]) -> tuple[dict, dict]:
     return read_h5(path, check=check, keep=lambda key: key.startswith("model/"))  # optimizer state: hashed only
 
 
-class _Teachers:
+class TeacherSource(Protocol):
+    """What the loop and the objective ask of a mode's teachers. The loop calls the hooks at every step
+    and at the ends of the run; the source decides what to do (publish, refresh, tell its peers)."""
+
+    def on_step(self, step: int, publishable: Callable[[], torch.nn.Module], health: dict) -> None: ...
+    def on_stop(self, step: int, why: str) -> None: ...
+    def on_end(self, step: int, model: torch.nn.Module, health: dict) -> None: ...
+    def teachers_for(self, step: int) -> list[torch.nn.Module]: ...
+    def group_result(self, model: torch.nn.Module, predict: Callable) -> dict: ...
+
+    @staticmethod
+    def pool(parts: list[dict]) -> dict: ...
+
+
+class NoTeachers:
+    """sync and async: no teachers, nothing to publish, nothing in the summary."""
+
+    models: list = []
+
+    def on_step(self, step, publishable, health) -> None:
+        pass
+
+    def on_stop(self, step, why) -> None:
+        pass
+
+    def on_end(self, step, model, health) -> None:
+        pass
+
+    def teachers_for(self, step) -> list:
+        return []
+
+    def group_result(self, model, predict) -> dict:
+        return {}
+
+    @staticmethod
+    def pool(parts: list[dict]) -> dict:
+        return {}
+
+
+class _Teachers(NoTeachers):
     models: list[torch.nn.Module]
 
     @torch.no_grad()
@@ -69,7 +120,60 @@ class _Teachers:
         return [m(x) for m in self.models]
 
 
-class PeerTeachers(_Teachers):
+class _CodistillSection:
+    """The summary's `codistill` section, pooled over the groups (peers or the label-smoothing control)."""
+
+    def __init__(self, *, target: str, data_split: str, stale_policy: str, exchange_id: str | None):
+        self.header = {"target": target, "data_split": data_split, "exchange_id": exchange_id,
+                       "stale_policy": stale_policy}
+
+    def group_result(self, model, predict) -> dict:
+        probs, labels = predict(model, ENSEMBLE_EVAL_LIMIT)
+        return {"codistill": {**self.header, "teachers": self.summary()}, "_probs": probs, "_labels": labels}
+
+    def summary(self) -> dict:
+        return {}
+
+    @staticmethod
+    def pool(parts: list[dict]) -> dict:
+        peer = [p["codistill"]["teachers"] for p in parts if p["codistill"]["teachers"]]
+        probs, labels = [p["_probs"] for p in parts], parts[0]["_labels"]
+        samples = sum(t["teacher_staleness"]["samples"] for t in peer)
+        by_reason: Counter = Counter()
+        for t in peer:
+            by_reason.update(t["teachers_rejected_by_reason"])
+
+        def total(key):
+            return sum(t[key] for t in peer)
+
+        header = {k: v for k, v in parts[0]["codistill"].items() if k != "teachers"}
+        return {"codistill": {
+            **header,
+            "exchanges_published": total("exchanges_published"), "teachers_loaded": total("teachers_loaded"),
+            "teachers_rejected": total("teachers_rejected"),
+            "teachers_rejected_by_reason": dict(sorted(by_reason.items())),
+            "teacher_staleness": {  # over every step that had a teacher, pooled over the groups
+                "mean": sum(t["teacher_staleness"]["mean"] * t["teacher_staleness"]["samples"] for t in peer)
+                / samples if samples else 0.0,
+                "max": max((t["teacher_staleness"]["max"] for t in peer), default=0)},
+            "steps_without_teacher": total("steps_without_teacher"),
+            "exchange_seconds": sum(t["publish_seconds"] + t["load_seconds"] for t in peer),
+            "teachers_dropped": total("teachers_dropped"), "stale_waits": total("stale_waits"),
+            "stale_wait_seconds": total("stale_wait_seconds"),
+            "ensemble_test_accuracy": ensemble_accuracy(probs, labels),
+            "churn": mean_pairwise_churn(probs), "churn_samples": int(len(labels)),
+            "groups": [{"group": p["group"], **{k: t[k] for k in ("steps_without_teacher", "teachers_loaded",
+                                                                 "teachers_rejected_by_reason")}}
+                       for p, t in zip(parts, (q["codistill"]["teachers"] for q in parts)) if t],
+        }}
+
+
+class LabelSmoothingControl(_CodistillSection, NoTeachers):
+    """Codistillation's control: the same loss with a smoothed one-hot target instead of the peers'
+    predictions (the objective makes it); no exchange, but the same summary section."""
+
+
+class PeerTeachers(_CodistillSection, _Teachers):
     """Codistillation teachers: the other groups' recent models, via the shared filesystem.
 
     A peer further than `max_staleness` steps behind is dropped from the loss (policy "drop", the
@@ -82,8 +186,12 @@ class PeerTeachers(_Teachers):
 
     def __init__(self, exchange_dir: Path, *, comm, group: int, num_groups: int, spec: ModelSpec, arch: dict,
                  device, max_staleness: int, policy: str = "drop", wait_timeout: float = 60.0,
-                 exchange_id: str | None = None, stop=lambda: False):
+                 exchange_id: str | None = None, stop=lambda: False, exchange_every: int = 50, burn_in: int = 0,
+                 data_split: str = "disjoint"):
+        _CodistillSection.__init__(self, target="peers", data_split=data_split, stale_policy=policy,
+                                   exchange_id=exchange_id)
         self.comm, self.spec, self.arch, self.device = comm, spec, arch, device
+        self.exchange_every, self.burn_in = exchange_every, burn_in
         self.manifest = sized_manifest(spec, arch["input_shape"], arch["num_classes"])
         self.leader = comm.Get_rank() == 0
         self.max_staleness, self.policy, self.wait_timeout = max_staleness, policy, wait_timeout
@@ -111,6 +219,20 @@ class PeerTeachers(_Teachers):
             self.exchange.publish(step, model, arch=self.arch, health={**health, "final": final})
             self.publish_seconds += time.perf_counter() - t
             self.published += 1
+
+    def on_step(self, step: int, publishable, health: dict) -> None:
+        """Publish every EXCHANGE_EVERY steps; look for fresher peers then, at the end of burn-in, and
+        whenever a teacher in use goes stale (collective in comm: every rank decides alike)."""
+        if step % self.exchange_every == 0 or step == self.burn_in or (step > self.burn_in and self.due(step)):
+            if step % self.exchange_every == 0:
+                self.publish(step, publishable(), health)
+            self.refresh(step, burn_in=self.burn_in)
+
+    def on_stop(self, step: int, why: str) -> None:
+        self.leave(f"{why} at step {step}")
+
+    def on_end(self, step: int, model, health: dict) -> None:
+        self.publish(step, model, health, final=True)
 
     def leave(self, reason: str) -> None:
         """This group publishes nothing more for now (it diverged, or stopped on a signal and will
@@ -306,7 +428,8 @@ def _read_external(path: Path, spec: ModelSpec, student: dict) -> dict:
         raise
     except Exception as exc:  # noqa: BLE001 - a damaged or foreign file may fail anywhere in the reader
         raise TeacherError(f"{path}: not a readable {path.suffix} state_dict ({type(exc).__name__}: {exc})") from None
-    if not (isinstance(state, dict) and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items())):
+    if not (isinstance(state, dict)
+            and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items())):
         raise TeacherError(f"{path}: holds a {type(state).__name__}, not a state_dict of tensors; save "
                            "model.state_dict() (or use `hpcdistill export`)")
     problem = diff_manifests(manifest_of(state), want, "the file", f"the model {spec.name} builds")
@@ -355,7 +478,9 @@ class FixedTeachers(_Teachers):
     the student's). hpcdistill checkpoints are rebuilt from their model record with one of those
     factories (or a built-in one); .safetensors/.pt state_dicts with `teacher` itself."""
 
-    def __init__(self, paths, *, comm, device, student_arch: dict, student: ModelSpec, teacher: ModelSpec | None = None):
+    def __init__(self, paths, *, comm, device, student_arch: dict, student: ModelSpec, teacher: ModelSpec | None = None,
+                 settings: dict | None = None):
+        self.settings = settings or {}  # temperature, alpha, loss, omitted classes: echoed in the summary
         teacher = teacher or student
         factories = {student.factory: student.variable, teacher.factory: teacher.variable}
         self.files, error, trees = [], None, []
@@ -381,3 +506,17 @@ class FixedTeachers(_Teachers):
     @property
     def parameters(self) -> int:
         return sum(count_parameters(m) for m in self.models)
+
+    def group_result(self, model, predict) -> dict:
+        probs, labels = predict(model, None)
+        tprobs = [predict(m, None)[0] for m in self.models]
+        return {"distill": {
+            "teachers": [str(f) for f in self.files],
+            "teacher_test_accuracy": ensemble_accuracy(tprobs, labels),
+            "teacher_member_test_accuracy": [ensemble_accuracy([p], labels) for p in tprobs],
+            "student_parameters": count_parameters(model), "teacher_parameters": self.parameters,
+            **self.settings}}
+
+    @staticmethod
+    def pool(parts: list[dict]) -> dict:
+        return {"distill": parts[0]["distill"]}

@@ -178,16 +178,18 @@ def plots(res: dict, img_dir, rel: str) -> list[tuple[str, str]]:
                 continue
             label = "codistill (exchange-50)" if name == "codistill" and "staleness" in fname else name
             s, m, sd = (np.array(v) for v in zip(*curve))
-            ax.plot(s, m, label=label)
-            ax.fill_between(s, m - sd, m + sd, alpha=0.2)
-        ax.set(xlabel="step (per group)", ylabel="validation loss (nats/char)", title=title)
-        finals = [c[-1][1] for c in res["curves"].values() if c]
-        if finals:
-            ax.set_ylim(min(finals) - 0.05, max(finals) + 0.6)
+            line, = ax.plot(s, m, label=label, zorder=3)
+            ax.fill_between(s, m - sd, m + sd, alpha=0.12, color=line.get_color(), lw=0, zorder=2)
+        ax.set(xlabel="step (per group)", ylabel="validation loss (nats/char)")
+        ax.set_title(title, fontsize=10, wrap=True)
+        drawn = [np.array(v[1]) for n in names if res["curves"].get(n) for v in [list(zip(*res["curves"][n]))]]
+        if drawn:  # y limits from every drawn curve (their later half, where they differ), with a margin
+            late = np.concatenate([d[len(d) // 2:] for d in drawn])
+            lo, hi = float(late.min()), float(np.concatenate(drawn).max())
+            ax.set_ylim(lo - 0.05 * (hi - lo), hi + 0.05 * (hi - lo))
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(img_dir / fname, dpi=110)
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)  # off the bands
+        fig.savefig(img_dir / fname, dpi=150, bbox_inches="tight")
         plt.close(fig)
         made.append((title, f"{rel}/{fname}"))
     made += _delta_plot(res, img_dir, rel, plt)
@@ -218,11 +220,10 @@ def _delta_plot(res, img_dir, rel, plt) -> list:
         plt.close(fig)
         return []
     ax.axhline(0, color="grey", lw=1)
-    ax.set(xlabel="step (per group)", ylabel="val loss − sync-2's (same seed)",
-           title="Paired difference to sync-2 (group 0 models, mean over seeds; below 0 = better)")
+    ax.set(xlabel="step (per group)", ylabel="val loss − sync-2's (same seed)")
+    ax.set_title("Paired difference to sync-2\n(group 0 models, mean over seeds; below 0 = better)", fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, ncol=2)
-    fig.tight_layout()
-    fig.savefig(img_dir / "codistill_delta_vs_sync2.png", dpi=110)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+    fig.savefig(img_dir / "codistill_delta_vs_sync2.png", dpi=150, bbox_inches="tight")
     plt.close(fig)
     return [("Paired difference to sync-2", f"{rel}/codistill_delta_vs_sync2.png")]

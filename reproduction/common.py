@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import subprocess
 import time
@@ -18,6 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from hpcdistill.launch import command_line, job_env, mpirun_command
+from hpcdistill.summary import RunSummary
 
 REPO = Path(__file__).resolve().parent.parent
 RUNS = REPO / "reproduction" / "runs"
@@ -46,7 +48,7 @@ class Run:
 
     @property
     def command(self) -> str:
-        return command_line(self.np, self.env)
+        return command_line(self.np, self.env, relative_to=REPO)
 
     # --- what the run wrote -------------------------------------------------------------------
     def metrics(self, group: int = 0) -> list[dict]:
@@ -80,27 +82,6 @@ class Run:
         return found[0]
 
 
-def command_line(np_: int, env: dict) -> str:
-    settings = " ".join(f"{k}={v}" for k, v in sorted(env.items()) if k != "HPCDISTILL_RUN_DIR")
-    return f"{settings} mpirun -np {np_} hpcdistill train".replace(f"{REPO}/", "")
-
-
-def mpirun_args(np_: int) -> list[str]:
-    args = ["mpirun", "--oversubscribe", "--bind-to", "none", "-np", str(np_)]
-    if os.geteuid() == 0:
-        args.insert(1, "--allow-run-as-root")
-    return args + [str(HPCDISTILL), "train"]
-
-
-def clean_env(settings: dict) -> dict:
-    """The parent environment without any HPCDISTILL_* leftovers, plus this run's settings."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("HPCDISTILL_")}
-    env.update({"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HPCDISTILL_RESUME": "never",
-                "HPCDISTILL_DATA_DIR": str(DATA_DIR)})
-    env.update({k: str(v) for k, v in settings.items()})
-    return env
-
-
 class Runner:
     """Runs jobs one after another (the machine has 2 cores) and remembers them."""
 
@@ -120,7 +101,7 @@ class Runner:
             old = json.loads(record.read_text())
             if old.get("np") == np_ and old.get("settings") == settings:
                 run.ok, run.seconds, run.reused = True, old["seconds"], True
-                run.summary = json.loads((path / "summary.json").read_text())
+                run.summary = RunSummary.load(path / "summary.json").model_dump(by_alias=True, exclude_none=True)
                 self.runs.append(run)
                 return run
         if self.dry:
@@ -135,7 +116,8 @@ class Runner:
         t = time.time()
         with open(path / "train.log", "w") as out:
             try:
-                proc = subprocess.run(mpirun_args(np_), env=clean_env(settings), cwd=REPO, stdout=out,
+                env = job_env(**{"HPCDISTILL_RESUME": "never", "HPCDISTILL_DATA_DIR": DATA_DIR, **settings})
+                proc = subprocess.run(mpirun_command(np_, HPCDISTILL, "train"), env=env, cwd=REPO, stdout=out,
                                       stderr=subprocess.STDOUT, timeout=RUN_TIMEOUT)
                 rc = proc.returncode
             except subprocess.TimeoutExpired:
@@ -143,7 +125,7 @@ class Runner:
         run.seconds = time.time() - t
         if rc == 0 and (path / "summary.json").exists():
             run.ok = True
-            run.summary = json.loads((path / "summary.json").read_text())
+            run.summary = RunSummary.load(path / "summary.json").model_dump(by_alias=True, exclude_none=True)
             record.write_text(json.dumps({"np": np_, "settings": settings, "seconds": run.seconds}, indent=1))
             log(f"  done in {run.seconds:.0f} s (suite so far {(time.time() - self.started) / 60:.1f} min)")
         else:

@@ -62,7 +62,8 @@ def run(runner, seeds: list[int], quick: bool) -> dict:
         if seed == seeds[0] or not quick:  # learning-rate sensitivity: half the lr, M = 8
             hb = {**b, "HPCDISTILL_LR": z["alt_lr"], "HPCDISTILL_MODE": "async"}
             runs[("sequential-altlr", 1, seed)] = runner.run(
-                f"dcasgd/lr{z['alt_lr']}-sequential-s{seed}", 2, {**hb, "HPCDISTILL_ASYNC_RULE": "asgd", "HPCDISTILL_STEPS": N})
+                f"dcasgd/lr{z['alt_lr']}-sequential-s{seed}", 2,
+                {**hb, "HPCDISTILL_ASYNC_RULE": "asgd", "HPCDISTILL_STEPS": N})
             for rule in ("asgd", "dcasgd-a"):
                 runs[(f"{rule}-altlr", 8, seed)] = runner.run(
                     f"dcasgd/lr{z['alt_lr']}-{rule}-8-s{seed}", 9,
@@ -73,7 +74,8 @@ def run(runner, seeds: list[int], quick: bool) -> dict:
         tp, W = z["tput"], z["tput"]["workers"]
         slow = {"HPCDISTILL_STRAGGLER_DELAY": z["straggler_delay"]}
         for name, np_, extra in (("sync", W, {"HPCDISTILL_MODE": "sync"}),
-                                 ("dcasgd-a", W + 1, {"HPCDISTILL_MODE": "async", "HPCDISTILL_ASYNC_RULE": "dcasgd-a"})):
+                                 ("dcasgd-a", W + 1,
+                                  {"HPCDISTILL_MODE": "async", "HPCDISTILL_ASYNC_RULE": "dcasgd-a"})):
             t = {**b, **extra, "HPCDISTILL_MODEL": tp["model"], "HPCDISTILL_STEPS": tp["steps"],
                  "HPCDISTILL_LOG_EVERY": 10, "HPCDISTILL_LR": tp["lr"]}
             runs[(f"tput-{name}", W, seed)] = runner.run(f"dcasgd/tput-{name}-{W}-s{seed}", np_, t)
@@ -146,11 +148,13 @@ def analyse(runs: dict, seeds: list[int], quick: bool) -> dict:
             ls = loss(name, 8)
             res["lambda_sweep"][f"{rule}, lambda0 {lam:g}"] = {
                 "error": fmt(err(name, 8), 2, 100), "loss": fmt([x for x in ls if x is None or math.isfinite(x)], 3),
-                "diverged": sum(x is not None and not math.isfinite(x) for x in ls), "runs": sum(x is not None for x in ls)}
+                "diverged": sum(x is not None and not math.isfinite(x) for x in ls),
+                "runs": sum(x is not None for x in ls)}
     res["lambda_sweep"]["asgd (lambda0 0)"] = {"error": fmt(err("asgd", 8), 2, 100), "loss": fmt(loss("asgd", 8), 3),
                                                "diverged": res["table"][8]["asgd_diverged"],
                                                "runs": sum(x is not None for x in loss("asgd", 8))}
-    st = [ok[("sequential", 1, s)].summary.get("async", {}).get("staleness") for s in seeds if ("sequential", 1, s) in ok]
+    st = [ok[("sequential", 1, s)].summary.get("async", {}).get("staleness")
+          for s in seeds if ("sequential", 1, s) in ok]
     if any(st):
         res["staleness"]["sequential"] = {k: fmt([x[k] for x in st if x], 1) for k in ("mean", "p50", "p99", "max")}
     res["alt_lr"] = {}

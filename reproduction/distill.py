@@ -39,7 +39,8 @@ def run(runner, seeds: list[int], quick: bool) -> dict:
     runs = {}
     for seed in seeds:
         b = {**base, "HPCDISTILL_SEED": seed}
-        teacher = runner.run(f"distill/teacher-s{seed}", 1, {**b, "HPCDISTILL_MODE": "sync", "HPCDISTILL_MODEL": "mlp-large"})
+        teacher = runner.run(f"distill/teacher-s{seed}", 1,
+                             {**b, "HPCDISTILL_MODE": "sync", "HPCDISTILL_MODEL": "mlp-large"})
         runs[("teacher", seed)] = teacher
         b = {**b, "HPCDISTILL_STEPS": z["student_steps"], "HPCDISTILL_CHECKPOINT_EVERY": z["student_steps"]}
         runs[("student-alone", seed)] = runner.run(f"distill/student-alone-s{seed}", 1,
@@ -49,10 +50,12 @@ def run(runner, seeds: list[int], quick: bool) -> dict:
         d = {**b, "HPCDISTILL_MODE": "distill", "HPCDISTILL_MODEL": "mlp-small",
              "HPCDISTILL_TEACHERS": teacher.checkpoint(), "HPCDISTILL_DISTILL_WEIGHT": z["alpha"]}
         for T in z["temperatures"]:
-            runs[(f"distill-T{T}", seed)] = runner.run(f"distill/distill-T{T}-s{seed}", 1, {**d, "HPCDISTILL_TEMPERATURE": T})
+            runs[(f"distill-T{T}", seed)] = runner.run(f"distill/distill-T{T}-s{seed}", 1,
+                                                       {**d, "HPCDISTILL_TEMPERATURE": T})
         omit = {**d, "HPCDISTILL_TEMPERATURE": z["omit_T"], "HPCDISTILL_OMIT_CLASSES": OMITTED}
         runs[("omit3-distill", seed)] = runner.run(f"distill/omit3-distill-s{seed}", 1, omit)
-        runs[("omit3-labels", seed)] = runner.run(f"distill/omit3-labels-s{seed}", 1, {**omit, "HPCDISTILL_DISTILL_WEIGHT": 0})
+        runs[("omit3-labels", seed)] = runner.run(f"distill/omit3-labels-s{seed}", 1,
+                                                  {**omit, "HPCDISTILL_DISTILL_WEIGHT": 0})
     return analyse(runs, seeds, quick)
 
 
@@ -119,7 +122,8 @@ def analyse(runs: dict, seeds: list[int], quick: bool) -> dict:
             row["loss_gap_closed"] = fmt(gap_closed(name, losses), 0, 100)
             row["loss_gap_closed_list"] = gap_closed(name, losses)
         res["rows"].append(row)
-    dsum = next((r.summary["distill"] for (n, _), r in ok.items() if n.startswith("distill-") and r.summary.get("distill")), {})
+    dsum = next((r.summary["distill"] for (n, _), r in ok.items()
+                 if n.startswith("distill-") and r.summary.get("distill")), {})
     teacher_params = dsum.get("teacher_parameters")
     for row in res["rows"]:
         row["parameters"] = teacher_params if row["name"] == "teacher" else dsum.get("student_parameters")
@@ -149,7 +153,9 @@ def plots(res: dict, img_dir, rel: str) -> list[tuple[str, str]]:
     ax.plot(temps, ys, "o-", label="distilled mlp-small")
     for name, style in (("teacher", "g--"), ("student-alone", "r--")):
         if rows.get(name, {}).get("errors_mean") is not None:
-            ax.axhline(rows[name]["errors_mean"], ls=style[1:], color=style[0], label=f"{name} ({res['sizes']['steps'] if name == 'teacher' else res['sizes'].get('student_steps', res['sizes']['steps'])} steps)")
+            ax.axhline(rows[name]["errors_mean"], ls=style[1:], color=style[0],
+                       label=(f"{name} ({res['sizes']['steps']} steps)" if name == "teacher" else
+                              f"{name} ({res['sizes'].get('student_steps', res['sizes']['steps'])} steps)"))
     ax.set_xscale("log")
     ax.set_xticks(temps, [str(t) for t in temps])
     ax.set(xlabel="temperature T", ylabel="test errors (of 360), mean over seeds",

@@ -14,6 +14,9 @@ import subprocess
 import codistill
 import dcasgd
 import distill
+
+from hpcdistill.report import markdown_table
+
 from common import REPO, RUNS, mean_std
 
 DOC = REPO / "docs" / "reproduction.md"
@@ -28,9 +31,8 @@ def _load(name: str) -> dict | None:
 
 
 def _table(header: list, rows: list) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join("—" if c is None else str(c) for c in row) + " |" for row in rows]
-    return "\n".join(lines)
+    """hpcdistill.report.markdown_table (the one table helper), a missing value shown as an em dash."""
+    return markdown_table(header, rows, missing="—")
 
 
 def _clearly(a: list, b: list) -> bool:
@@ -193,7 +195,8 @@ def _dcasgd(res: dict) -> tuple[str, list]:
     z = res["sizes"]
     out = ["## 2. DC-ASGD (Zheng et al. 2017)\n",
            f"`digits` (1257 training images), the default `mlp` (2 x 256), plain SGD at lr {z['lr']} (the best of "
-           f"0.1 / 0.25 / 0.5 for sequential SGD in a trial with seed 0) without momentum for every method (the async updater applies none), per-worker batch {z['batch']}, and the "
+           f"0.1 / 0.25 / 0.5 for sequential SGD in a trial with seed 0) without momentum for every method "
+           f"(the async updater applies none), per-worker batch {z['batch']}, and the "
            f"same number of training samples for every method: {z['total_steps']} steps for sequential SGD, "
            f"{z['total_steps']} / M steps per worker (async) or per rank (sync) with M workers. Async runs have "
            f"one parameter-host rank besides the M workers (-np M+1), all oversubscribed on 2 cores. "
@@ -208,20 +211,23 @@ def _dcasgd(res: dict) -> tuple[str, list]:
     if all("asgd_loss" in r for r in t.values()):
         out.append("Test loss (cross-entropy on the same 360 images; continuous, so less coarse than the error; "
                    "a run whose loss became NaN is left out of the mean and counted in the last column):\n")
-        out.append(_table(["workers", "sequential SGD", "ASGD", "SSGD (sync)", "DC-ASGD-c", "DC-ASGD-a", "diverged runs"],
+        out.append(_table(["workers", "sequential SGD", "ASGD", "SSGD (sync)", "DC-ASGD-c", "DC-ASGD-a",
+                           "diverged runs"],
                           [[f"M = {M}", r["sequential_loss"], r["asgd_loss"], r["sync_loss"], r["dcasgd-c_loss"],
-                            r["dcasgd-a_loss"], ", ".join(f"{k} {r[k + '_diverged']}" for k in ("asgd", "sync", "dcasgd-c", "dcasgd-a")
+                            r["dcasgd-a_loss"], ", ".join(f"{k} {r[k + '_diverged']}"
+                                                          for k in ("asgd", "sync", "dcasgd-c", "dcasgd-a")
                                                           if r.get(k + "_diverged"))or "none"]
                            for M, r in t.items()]))
     if res.get("lambda_sweep"):
-        out.append(f"\n**Strength of the compensation** (M = 8, lr {z['lr']}, seeds {res['seeds']}): the defaults are the "
-                   "papers' (0.04 for DC-ASGD-c, MXNet's; 2 for DC-ASGD-a, the authors'). For a parameter with a steady "
-                   "gradient g, DC-ASGD-a's term is about lambda0 * |g| * (w_now - w_bak) * sign(g), and w_now - w_bak is "
-                   "about -lr * staleness * g: the compensation flips the sign of the update once "
+        out.append(f"\n**Strength of the compensation** (M = 8, lr {z['lr']}, seeds {res['seeds']}): the defaults are "
+                   "the papers' (0.04 for DC-ASGD-c, MXNet's; 2 for DC-ASGD-a, the authors'). For a parameter with a "
+                   "steady gradient g, DC-ASGD-a's term is about lambda0 * |g| * (w_now - w_bak) * sign(g), and "
+                   "w_now - w_bak is about -lr * staleness * g: the compensation flips the sign of the update once "
                    "lr * staleness * lambda0 * |g| exceeds 1, which at lr 0.5 and lambda0 2 happens for |g| above ~0.3 "
                    "(the output layer's early gradients).\n")
         out.append(_table(["rule", "test error %", "test loss", "diverged"],
-                          [[k, v["error"], v["loss"], f"{v['diverged']}/{v['runs']}"] for k, v in res["lambda_sweep"].items()]))
+                          [[k, v["error"], v["loss"], f"{v['diverged']}/{v['runs']}"]
+                           for k, v in res["lambda_sweep"].items()]))
     if res["staleness"]:
         out.append("\nStaleness each async run saw (updates by other workers between a worker's pull and its push; "
                    "summary.json `async.staleness`):\n")
@@ -259,7 +265,8 @@ def _dcasgd_verdicts(res: dict) -> list:
         a = [t[M]["asgd_mean"] for M in Ms]
         word = "reproduced" if seq < a[0] < a[-1] else "partly" if a[-1] > seq else "not reproduced"
         v.append(("ASGD degrades as workers (staleness) grow", word,
-                  f"test error sequential {seq * 100:.2f} %, " + ", ".join(f"ASGD M={M} {x * 100:.2f} %" for M, x in zip(Ms, a))))
+                  f"test error sequential {seq * 100:.2f} %, "
+                  + ", ".join(f"ASGD M={M} {x * 100:.2f} %" for M, x in zip(Ms, a))))
     for rule in ("dcasgd-c", "dcasgd-a"):
         parts = []
         rec = []
@@ -277,7 +284,8 @@ def _dcasgd_verdicts(res: dict) -> list:
             good = [x for x in rec if not math.isnan(x)]
             word = ("reproduced" if good and min(good) >= 0.5 else "partly" if good and max(good) > 0 else
                     "not testable (no ASGD gap)" if not good else "not reproduced")
-            v.append((f"{rule.replace('dcasgd', 'DC-ASGD')} recovers most of ASGD's gap to sequential SGD", word, "; ".join(parts)))
+            v.append((f"{rule.replace('dcasgd', 'DC-ASGD')} recovers most of ASGD's gap to sequential SGD", word,
+                      "; ".join(parts)))
     tp = res.get("throughput", {})
     W = res["sizes"].get("tput", {"workers": 4})["workers"]
     if f"sync-{W}" in tp and f"dcasgd-a-{W}" in tp:
@@ -300,7 +308,8 @@ def _dcasgd_verdicts(res: dict) -> list:
 def _distill(res: dict) -> tuple[str, list]:
     z = res["sizes"]
     out = ["## 3. Knowledge distillation (Hinton et al. 2015)\n",
-           f"`digits`, 1 rank, SGD with momentum 0.9 (lr 0.05, cosine), batch {z['batch']}; the teacher {z['steps']} steps, "
+           f"`digits`, 1 rank, SGD with momentum 0.9 (lr 0.05, cosine), batch {z['batch']}; "
+           f"the teacher {z['steps']} steps, "
            f"every student {z.get('student_steps', z['steps'])} steps. "
            f"Teacher `mlp-large` (2 x 1200, dropout 0.2, {res.get('teacher_parameters') or '—'} parameters), student "
            f"`mlp-small` (2 x 32). Distilled students: weight {z['alpha']} on the soft term (T^2-scaled), "
@@ -341,7 +350,8 @@ def _distill_verdicts(res: dict) -> list:
 
     g4, g20 = gap("distill-T4"), gap("distill-T20")
     if g4 is not None:
-        d = [x - y for x, y in zip(rows["distill-T4"].get("errors_list", []), rows["student-alone"].get("errors_list", []))
+        d = [x - y for x, y in zip(rows["distill-T4"].get("errors_list", []),
+                                   rows["student-alone"].get("errors_list", []))
              if x is not None and y is not None]
         word = _paired_word(d)
         if word == "reproduced" and g4 < 0.5:
@@ -358,9 +368,11 @@ def _distill_verdicts(res: dict) -> list:
                 "partly" if m > 0 else "not reproduced")
         v.append(("the same, measured by test cross-entropy (not the paper's measure: continuous, so not limited "
                   "to a gap of a few test images)", word,
-                  f"test cross-entropy teacher {rows['teacher']['loss']}, student alone {rows['student-alone']['loss']}, "
-                  f"distilled at T = 4 {rows['distill-T4']['loss']} ({rows['distill-T4']['loss_gap_closed']} % of the gap "
-                  f"closed)" + (f"; at T = 20 {rows['distill-T20']['loss']} ({rows['distill-T20']['loss_gap_closed']} %)"
+                  f"test cross-entropy teacher {rows['teacher']['loss']}, student alone "
+                  f"{rows['student-alone']['loss']}, distilled at T = 4 {rows['distill-T4']['loss']} "
+                  f"({rows['distill-T4']['loss_gap_closed']} % of the gap "
+                  f"closed)" + (f"; at T = 20 {rows['distill-T20']['loss']} "
+                                f"({rows['distill-T20']['loss_gap_closed']} %)"
                                 if "distill-T20" in rows and rows["distill-T20"].get("loss_gap_closed") else "")))
     temps = {int(n.split("T")[1]): r["errors_mean"] for n, r in rows.items()
              if n.startswith("distill-T") and r["errors_mean"] == r["errors_mean"]}
@@ -382,7 +394,8 @@ def _distill_verdicts(res: dict) -> list:
         accb = mean_std([p["acc_3_bias"] for p in d])[0]
         ctrl = om.get("omit3-labels", {}).get("raw")
         c = mean_std([p["acc_3"] for p in ctrl])[0] if ctrl else None
-        word = "reproduced" if accb >= 0.8 and (c is None or acc > c) else "partly" if acc > (c or 0) else "not reproduced"
+        word = ("reproduced" if accb >= 0.8 and (c is None or acc > c) else "partly" if acc > (c or 0) else
+                "not reproduced")
         v.append(("a student that never saw a 3 still recognises most 3s (after a bias correction)", word,
                   f"accuracy on the test 3s: distilled {acc * 100:.0f} % raw, {accb * 100:.0f} % with the bias; "
                   + (f"labels-only control {c * 100:.0f} %" if c is not None else "")))
@@ -425,7 +438,8 @@ def write():
              "The results in this file were produced by:\n"]
     lines += [f"- {n}: `{m.get('command', '?')}`, finished {m.get('finished', '?')}: {m.get('runs', '?')} runs "
               f"({m.get('reused', 0)} of them reused from earlier invocations with identical settings; see \"How these "
-              f"results were produced\"), {m.get('run_seconds', 0) / 60:.1f} min of job wall time in all" for n, m in metas]
+              f"results were produced\"), {m.get('run_seconds', 0) / 60:.1f} min of job wall time in all"
+              for n, m in metas]
     total = sum(m.get("run_seconds", 0) for _, m in metas)
     lines.append(f"\nTotal job wall time {total / 60:.1f} min on a 2-core machine shared with other work (wall "
                  "times are secondary; everything is compared at equal steps or samples). Values are mean ± "
@@ -446,7 +460,8 @@ def write():
     lines.append("\n## Exact commands and settings\n")
     lines.append("Each run below was launched as `mpirun --allow-run-as-root --oversubscribe --bind-to none -np N "
                  ".venv/bin/hpcdistill train` with `OMP_NUM_THREADS=1`, `HPCDISTILL_RESUME=never`, "
-                 "`HPCDISTILL_DATA_DIR=datasets` and `HPCDISTILL_RUN_DIR=reproduction/runs/<experiment>/<run>-s<seed>`, "
+                 "`HPCDISTILL_DATA_DIR=datasets` and "
+                 "`HPCDISTILL_RUN_DIR=reproduction/runs/<experiment>/<run>-s<seed>`, "
                  "plus the variables shown (first seed; other seeds differ only in `HPCDISTILL_SEED`). Every other "
                  "setting is the default shown by `hpcdistill config`.\n")
     for name, cmds in commands:

@@ -24,6 +24,7 @@ import codistill  # noqa: E402
 import dcasgd  # noqa: E402
 import distill  # noqa: E402
 import doc  # noqa: E402
+
 from common import DATA_DIR, HPCDISTILL, REPO, RUNS, Runner, log  # noqa: E402
 
 EXPERIMENTS = {"codistill": codistill, "dcasgd": dcasgd, "distill": distill}
@@ -47,7 +48,8 @@ def main(argv=None) -> int:
     RUNS.mkdir(parents=True, exist_ok=True)
     if not args.doc_only:
         for name in sorted({DATASETS[e] for e in only}):
-            subprocess.run([str(HPCDISTILL), "data", "prepare", name, "--data-dir", str(DATA_DIR)], cwd=REPO, check=True)
+            subprocess.run([str(HPCDISTILL), "data", "prepare", name, "--data-dir", str(DATA_DIR)], cwd=REPO,
+                           check=True)
         started = time.time()
 
         def family(name):

@@ -195,9 +195,10 @@ hpcd_launch() {
         USR2) why="time-limit warning (SIGUSR2)" ;;
         TERM|INT)
             hpcd_die "stopped by SIG$HPCD_SIGNAL (cancelled or preempted) before the end; the newest checkpoint is in $run_dir (submit again with HPCDISTILL_RUN_DIR=$run_dir to continue)" 1 ;;
-        *)  # hpcdistill exits 0 without summary.json only when its ranks were signalled: a signal sent
-            # to the tasks, not to this shell (--signal without B:, or scancel --signal without --batch)
-            [ $rc -eq 0 ] && why="the ranks stopped on a signal sent to them directly" ;;
+        *)  # hpcdistill exits 75 (EX_TEMPFAIL: checkpoint written, resume me) when its ranks were
+            # signalled: a signal sent to the tasks, not to this shell (--signal without B:, or scancel
+            # --signal without --batch)
+            [ $rc -eq 75 ] && why="the ranks stopped on a signal sent to them directly" ;;
     esac
     if [ -n "$why" ]; then
         if [ "$restarts" -lt "$HPCD_MAX_RESTARTS" ]; then

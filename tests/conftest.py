@@ -1,4 +1,10 @@
-"""Shared fixtures: real `mpirun` launches and prepared datasets in temporary directories."""
+"""Shared fixtures: real `mpirun` launches and prepared datasets in temporary directories.
+
+Two tiers: tests that start MPI (mpirun, srun, sbatch, or MPI initialised in the test process) carry
+the `mpi` marker; `pytest -m "not mpi"` runs the rest, the fast tier. An unmarked test that starts
+mpirun/srun/sbatch or initialises MPI in this process fails, saying so (`_tier_guard`).
+Launch commands and job environments come from `hpcdistill.launch` (mpirun_command, job_env).
+"""
 
 from __future__ import annotations
 
@@ -11,32 +17,48 @@ from pathlib import Path
 
 import pytest
 
+from hpcdistill.launch import HPCDISTILL, job_env, mpirun_command
+
 ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
-HPCDISTILL = str(BIN / "hpcdistill")
-needs_mpi = pytest.mark.skipif(shutil.which("mpirun") is None, reason="mpirun not found")
+_no_mpirun = pytest.mark.skipif(shutil.which("mpirun") is None, reason="mpirun not found")
 
 
-def mpirun_cmd(np_: int, *args: str) -> list[str]:
-    cmd = ["mpirun", "--oversubscribe", "-np", str(np_)]
-    if os.geteuid() == 0:
-        cmd.insert(1, "--allow-run-as-root")
-    return cmd + list(args)
+def needs_mpi(test):
+    """Skipped where there is no mpirun; an `mpi` test (the slow tier)."""
+    return pytest.mark.mpi(_no_mpirun(test))
 
 
-def clean_env(**settings) -> dict:
-    """The test process's environment without stray HPCDISTILL_* settings, plus `settings`."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("HPCDISTILL_")}
-    env.update({"OMP_NUM_THREADS": "1", "PATH": f"{BIN}:{env.get('PATH', '')}"})
-    env.update({k: str(v) for k, v in settings.items()})
-    return env
+LAUNCHERS = {"mpirun", "mpiexec", "orterun", "srun", "sbatch", "salloc"}
+
+
+@pytest.fixture(autouse=True)
+def _tier_guard(request, monkeypatch):
+    """Fail a test without the `mpi` marker that starts MPI: a launcher in a subprocess, or MPI
+    initialised in this process (mpi4py.MPI imported during the test)."""
+    if request.node.get_closest_marker("mpi") is not None:
+        yield
+        return
+    name = request.node.nodeid
+
+    class Popen(subprocess.Popen):
+        def __init__(self, args, *a, **kw):
+            argv0 = args if isinstance(args, (str, bytes, os.PathLike)) else next(iter(args), "")
+            if os.path.basename(os.fsdecode(argv0).split()[0] if argv0 else "") in LAUNCHERS:
+                pytest.fail(f"{name} starts {os.fsdecode(argv0)!r} but is not marked @pytest.mark.mpi", pytrace=False)
+            super().__init__(args, *a, **kw)
+
+    monkeypatch.setattr(subprocess, "Popen", Popen)
+    had_mpi = "mpi4py.MPI" in sys.modules
+    yield
+    if not had_mpi and "mpi4py.MPI" in sys.modules:
+        pytest.fail(f"{name} initialised MPI in the test process but is not marked @pytest.mark.mpi", pytrace=False)
 
 
 def run_mpi(np_: int, args: list[str], timeout: float = 300, check: bool = False,
             **settings) -> subprocess.CompletedProcess:
     """`mpirun -np N args...` with environment variables given as keyword arguments; with `check`,
     exit status 0 is asserted (the output's tail is the message)."""
-    proc = subprocess.run(mpirun_cmd(np_, *map(str, args)), env=clean_env(**settings), capture_output=True,
+    proc = subprocess.run(mpirun_command(np_, *args), env=job_env(**settings), capture_output=True,
                           text=True, timeout=timeout, cwd=ROOT)
     if check:
         assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
@@ -44,7 +66,8 @@ def run_mpi(np_: int, args: list[str], timeout: float = 300, check: bool = False
 
 
 def train(np_: int, run_dir: Path, timeout: float = 300, check: bool = True, **settings) -> subprocess.CompletedProcess:
-    """`mpirun -np N hpcdistill train` with HPCDISTILL_* settings given as keyword arguments."""
+    """`mpirun -np N hpcdistill train` with HPCDISTILL_* settings given as keyword arguments (any case:
+    `steps=5` and `STEPS=5` are both HPCDISTILL_STEPS)."""
     env = {"HPCDISTILL_RUN_DIR": str(run_dir), "HPCDISTILL_RESUME": "never"}
     env.update({f"HPCDISTILL_{k.upper()}": v for k, v in settings.items()})
     return run_mpi(np_, [HPCDISTILL, "train"], timeout=timeout, check=check, **env)

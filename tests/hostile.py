@@ -2,20 +2,22 @@
 would make them: a VALID checkpoint written the normal way (`Exchange.publish` for a peer file,
 `capture` + `CheckpointManager.save` for a teacher file), then one thing added or changed with h5py.
 
-Every function here writes files only; nothing reads the crafted data back (reading some of them is the
-very hazard: a FIFO blocks, a gzip bomb inflates). No crafted file needs more than a few MB of disk or of
+Nothing here reads a crafted file's data back (reading some of them is the very hazard: a FIFO blocks,
+a gzip bomb inflates); the rewriting helpers read only the valid file they start from.
+No crafted file needs more than a few MB of disk or of
 this process's memory: the 16 GiB dataset is declared and never written, the gzip bomb's 2 GiB of zeros
 is one compressed chunk written 512 times.
 
 The files made by one-thing edits keep the sha256 of the file they started from: the reader refuses
 them from HDF5's metadata alone, before it hashes a byte, so their checksum never comes into play (the
-tests assert the code is not "checksum"). Files whose defect is in what they *say* (a tensor of another
+tests assert each one's own code, never "checksum"). Files whose defect is in what they *say* (a tensor of another
 shape, wrong JSON types, a 14 GB model record, another run) are rewritten with `write_h5`, so their
 checksum is valid and only the defect can refuse them.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -27,10 +29,11 @@ import h5py
 import numpy as np
 
 from hpcdistill.checkpoints import CheckpointManager, capture, read_h5, write_h5
+from hpcdistill.checkpoints.h5io import layout_dtype
 from hpcdistill.exchange import Exchange
 
 HEALTHY = {"train_loss": 1.0, "initial_loss": 2.3}
-EXTRA = "extra/hostile"  # the key of an added dataset: a teacher reader reads extra/ arrays too
+EXTRA = "extra/hostile"  # an added dataset: a teacher file may hold extra/ arrays (hashed, not kept)
 
 
 # --- valid files, written the normal way ------------------------------------------------------------
@@ -144,7 +147,7 @@ def add_soft_link(path, *, key: str = EXTRA, target: str | None = None) -> Path:
     """(i) A soft link (by default to the file's first model tensor)."""
     with h5py.File(path, "r+") as f:
         if target is None:
-            target = "/" + sorted(k for k in _dataset_keys(f) if k.startswith("model/"))[0]
+            target = "/" + min(k for k in _dataset_keys(f) if k.startswith("model/"))
         _replace(f, key)
         f[key] = h5py.SoftLink(target)
     return Path(path)
@@ -177,7 +180,7 @@ def other_shape(path, *, key: str | None = None, fix_manifest: bool = True) -> P
     made to agree with the file (as a careful attacker would), so only the architecture can refuse it."""
     arrays, meta = _reread(path)
     if key is None:
-        key = sorted(k for k, a in arrays.items() if k.startswith("model/") and np.ndim(a) == 2)[0]
+        key = min(k for k, a in arrays.items() if k.startswith("model/") and np.ndim(a) == 2)
     arrays[key] = np.ascontiguousarray(np.asarray(arrays[key]).T)
     if fix_manifest and "manifest" in meta:
         meta["manifest"][key][0] = list(arrays[key].shape)
@@ -239,12 +242,145 @@ def symlink_out(link, target) -> Path:
     return link
 
 
-def sparse_extra(path, *, key: str = EXTRA, nbytes: int = 2**30) -> Path:
-    """A contiguous float32 dataset of `nbytes` of which only the last element is written: HDF5 allocates
-    the whole storage and writes 4 bytes, so the file's size covers the dataset (sparse: no disk used)
-    and a size check against the file's length passes. Checksum left stale."""
+def sparse_extra(path, *, key: str = EXTRA, nbytes: int = 2**30, shape: tuple | None = None) -> Path:
+    """A contiguous float32 dataset of `nbytes` (shape `shape`, default flat) of which only the last
+    element is written: HDF5 allocates the whole storage and writes 4 bytes, so the file's length covers
+    the dataset (a sparse file: no disk used) and a size check against the file's length passes. The
+    meta's manifest lists the new dataset and the checksum is recomputed: a file with nothing wrong but
+    its size."""
+    shape = tuple(shape or (nbytes // 4,))
     with h5py.File(path, "r+") as f:
         _replace(f, key)
-        ds = f.create_dataset(key, shape=(nbytes // 4,), dtype="<f4")
-        ds[-1] = 1.0
+        ds = f.create_dataset(key, shape=shape, dtype="<f4")
+        ds[tuple(n - 1 for n in shape)] = 1.0
+    return reseal(path)
+
+
+BLOCK = 16 * 2**20
+
+
+def _blocks(ds, index: tuple = ()):
+    """The data of `ds` in C order, in pieces of at most BLOCK bytes (a row too large for one piece is
+    split along the next axis)."""
+    shape = ds.shape[len(index):]
+    if not shape:
+        yield np.asarray(ds[index])
+        return
+    row = ds.dtype.itemsize * int(np.prod(shape[1:], dtype=np.int64))
+    if row <= BLOCK:
+        rows = max(1, BLOCK // max(1, row))
+        for lo in range(0, shape[0], rows):
+            yield ds[index + (slice(lo, lo + rows),)]
+    else:
+        for i in range(shape[0]):
+            yield from _blocks(ds, index + (i,))
+
+
+def reseal(path) -> Path:
+    """Recompute the meta manifest and the sha256 attribute of `path` as `write_h5` would, reading the
+    datasets in pieces of 16 MB (for plain contiguous datasets only: never for a crafted virtual,
+    external or FIFO-backed one, whose reading is the hazard)."""
+    with h5py.File(path, "r+") as f:
+        meta = json.loads(f.attrs["meta"])
+        layout, h = {}, hashlib.sha256()
+        for key in sorted(_dataset_keys(f)):
+            ds = f[key]
+            torch_dtype = ds.attrs.get("torch_dtype")
+            torch_dtype = torch_dtype.decode() if isinstance(torch_dtype, bytes) else torch_dtype
+            layout[key] = [list(ds.shape), layout_dtype(ds.dtype, torch_dtype)]
+            h.update(json.dumps([key, ds.dtype.str, list(ds.shape), torch_dtype]).encode())
+            if ds.ndim == 0 or ds.size == 0:
+                h.update(np.ascontiguousarray(ds[()]).reshape(-1).view(np.uint8))
+                continue
+            for block in _blocks(ds):
+                h.update(np.ascontiguousarray(block).reshape(-1).view(np.uint8))
+        if isinstance(meta, dict) and "manifest" in meta:
+            meta["manifest"] = layout
+        meta_json = json.dumps(meta, sort_keys=True)
+        h.update(meta_json.encode())
+        f.attrs["meta"] = np.bytes_(meta_json.encode())
+        f.attrs["sha256"] = np.bytes_(h.hexdigest().encode())
     return Path(path)
+
+
+# --- every case at once ------------------------------------------------------------------------------
+
+def _first_tensor(model) -> str:
+    return "model/" + min(model.state_dict())
+
+
+def peer_cases(directory, model, record: dict, *, exchange_id: str, staging, first_step: int = 900001,
+               group: int = 1, num_groups: int = 2) -> dict[str, Path]:
+    """Every hostile exchange file, as `group`'s files step-<first_step>.h5, step-<first_step + 1>.h5 ...
+    in `directory` (an exchange directory's group-<g>/). Each starts as a valid file of `exchange_id`
+    whose meta step is its name's step, so it is refused for its own defect and nothing else; each is
+    made in `staging` (same filesystem, outside the exchange directory, where the FIFO behind the
+    virtual dataset and the targets of the links stay) and renamed into place whole, as a reader of a
+    live exchange directory must see it. Returns {case: path in directory}."""
+    directory, staging = Path(directory), Path(staging)
+    directory.mkdir(parents=True, exist_ok=True)
+    staging.mkdir(parents=True, exist_ok=True)
+    source = fifo(staging / "vds-source.fifo")
+    tensor = _first_tensor(model)
+
+    def valid(path, step, **kw):
+        return peer_file(path, model, record, step=step, exchange_id=exchange_id, group=group,
+                         num_groups=num_groups, **kw)
+
+    def outside(step):  # a valid file of the right step outside the exchange directory: a link target
+        return valid(staging / f"outside-{step}.h5", step)
+
+    crafts = {
+        "virtual-fifo": lambda p, s: add_virtual_fifo(valid(p, s), source, key=tensor),
+        "virtual-fifo-unlimited": lambda p, s: add_virtual_fifo(valid(p, s), source, unlimited=True),
+        "external-passwd": lambda p, s: add_external(valid(p, s), key=tensor),
+        "huge-declared": lambda p, s: add_huge_declared(valid(p, s)),
+        "gzip-bomb": lambda p, s: add_gzip_bomb(valid(p, s)),
+        "other-shape": lambda p, s: other_shape(valid(p, s)),
+        "meta-list": lambda p, s: meta_as_list(valid(p, s)),
+        "health-list": lambda p, s: health_as(valid(p, s), [1.0, 2.3]),
+        "health-null": lambda p, s: health_as(valid(p, s), None),
+        "step-string": lambda p, s: step_as_string(valid(p, s)),
+        "arch-string": lambda p, s: arch_as_string(valid(p, s)),
+        "huge-arch": lambda p, s: huge_arch(valid(p, s)),
+        "another-run": lambda p, s: peer_file(p, model, record, step=s, exchange_id=f"{exchange_id}-other",
+                                              group=group, num_groups=num_groups),
+        "soft-link": lambda p, s: add_soft_link(valid(p, s)),
+        "external-link": lambda p, s: add_external_link(valid(p, s), outside(s), key=tensor, target="/" + tensor),
+        "symlink-out": lambda p, s: symlink_out(p, outside(s)),
+        "fifo": lambda p, s: fifo(p),
+    }
+    out = {}
+    for i, (name, craft) in enumerate(crafts.items()):
+        step = first_step + i
+        made = craft(staging / f"{name}.h5", step)
+        out[name] = directory / f"step-{step:08d}.h5"
+        os.replace(made, out[name])
+    return out
+
+
+def teacher_cases(directory, model, record: dict) -> dict[str, Path]:
+    """Every hostile teacher file (and "valid", the file they all start from) in `directory`, named
+    <case>.h5 ("fifo" is a named pipe). Added datasets are extra/ arrays: a teacher reader reads those."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    source = fifo(directory / "vds-source.fifo")
+    tensor = _first_tensor(model)
+
+    def valid(name):
+        return teacher_file(directory / f"{name}.h5", model, record)
+
+    out = {"valid": valid("valid")}
+    out["virtual-fifo"] = add_virtual_fifo(valid("virtual-fifo"), source)
+    out["virtual-fifo-unlimited"] = add_virtual_fifo(valid("virtual-fifo-unlimited"), source, unlimited=True)
+    out["external-passwd"] = add_external(valid("external-passwd"))
+    out["huge-declared"] = add_huge_declared(valid("huge-declared"))
+    out["gzip-bomb"] = add_gzip_bomb(valid("gzip-bomb"))
+    out["other-shape"] = other_shape(valid("other-shape"))
+    out["meta-list"] = meta_as_list(valid("meta-list"))
+    out["arch-string"] = arch_as_string(valid("arch-string"))
+    out["huge-arch"] = huge_arch(valid("huge-arch"))
+    out["soft-link"] = add_soft_link(valid("soft-link"))
+    out["external-link"] = add_external_link(valid("external-link"), out["valid"], key=tensor, target="/" + tensor)
+    out["fifo"] = fifo(directory / "fifo.h5")
+    return out

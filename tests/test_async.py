@@ -8,10 +8,10 @@ import textwrap
 import numpy as np
 import pytest
 
-from conftest import ROOT, needs_mpi, run_mpi, train
 from hpcdistill.comm.rma import shard_bounds
 from hpcdistill.strategies.async_rma import MEANSQ_EPS, dc_delta
 
+from conftest import ROOT, needs_mpi, run_mpi, train
 
 # A worker script driving AsyncUpdater directly: gradient = a known constant per worker and update
 # (loss = <c, w>, c drawn from a generator seeded with (worker, update)), so what each worker pushes
@@ -72,8 +72,8 @@ DRIVER = textwrap.dedent('''
             sent += upd.trace[-1]["delta"]
             k += 1
             if me == 0 and ((snap_every and k % snap_every == 0) or k == resume_at):  # as the loop's _save
-                extra = upd.extra_state()
-                w = flat(upd.current_model(model))
+                snapshot, extra = upd.checkpoint_view(model)
+                w = flat(snapshot)
                 snaps.append((int(extra["async_version"][0]), extra["async_clocks"].copy(), w))
                 if k == resume_at:
                     ckpt = (w, extra, k)
@@ -99,7 +99,7 @@ DRIVER = textwrap.dedent('''
     upd.finish()
     summary = upd.summary()
     final = flat(upd.current_model(model)) if me == 0 else None
-    final_clocks = upd.extra_state()["async_clocks"] if me == 0 else None
+    final_clocks = upd.checkpoint_view(model)[1]["async_clocks"] if me == 0 else None
     tr = upd.trace
     upd.close()
     arrays = {"sent": sent, "w0": w0, "times": np.array(times),
@@ -211,7 +211,7 @@ def test_no_lost_update_consistent_snapshots_and_exact_resume(tmp_path):
     """1 host, 4 workers, asgd, integer gradients and lr 1 (every sum is exact in float32):
     - the final weights are the initial ones plus every pushed update, exactly; every fetch-and-add
       got its own version;
-    - every checkpoint-style snapshot (extra_state() then current_model(), as the loop saves) holds
+    - every checkpoint-style snapshot (checkpoint_view(), as the loop saves) holds
       exactly the updates that its version and clocks count;
     - resuming from the snapshot taken after the lead's 75th update (new windows, each worker from its
       own clock) ends on exactly the weights of an uninterrupted run: no update lost or applied twice."""
@@ -281,8 +281,8 @@ def test_dc_formula_ssp_bound_and_stop_flag_under_mpi(tmp_path):
     s, stop_at, lr = 2, 40, 0.05
     lam = {"dcasgd-c": 0.5, "dcasgd-a": 2.0}
     per_worker = ["dcasgd-c", "dcasgd-c", "dcasgd-a", "dcasgd-a"]
-    traces, infos = drive(tmp_path, 5, T_UPDATES=400, T_SLOW=0.01, T_COMPUTE=0.002, T_STOP_AT=stop_at, T_INTEGER=0, T_LR=lr,
-                          T_IN=16, T_RULES=",".join(f"{r}:{lam[r]}" for r in per_worker),
+    traces, infos = drive(tmp_path, 5, T_UPDATES=400, T_SLOW=0.01, T_COMPUTE=0.002, T_STOP_AT=stop_at, T_INTEGER=0,
+                          T_LR=lr, T_IN=16, T_RULES=",".join(f"{r}:{lam[r]}" for r in per_worker),
                           HPCDISTILL_ASYNC_RULE="dcasgd-a", HPCDISTILL_STALENESS_BOUND=s)
     assert len(traces) == 4
 

@@ -9,9 +9,18 @@ import pytest
 import torch
 from torch import nn
 
+from hpcdistill.checkpoints import (
+    CheckpointError,
+    CheckpointManager,
+    capture,
+    model_arrays,
+    read_h5,
+    restore,
+    verify_h5,
+    write_h5,
+)
+
 from conftest import flip_stored_byte
-from hpcdistill.checkpoints import (CheckpointError, CheckpointManager, capture, model_arrays, read_h5,
-                                    restore, verify_h5, write_h5)
 
 
 def make_model(seed):

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
+from pathlib import Path
 
 import pytest
 
-from conftest import HPCDISTILL, clean_env
-from hpcdistill.config import PREFIX, ConfigError, Settings, describe, load_settings
+from hpcdistill.config import PREFIX, ConfigError, Settings, describe, load_settings, settings_env
+from hpcdistill.launch import HPCDISTILL, job_env
 
 # One invalid value for every setting, and a phrase the message must contain.
 BAD = {
@@ -45,7 +47,7 @@ BAD = {
     "ASYNC_LR": ("adaptive", "constant"),
     "DC_LAMBDA": ("-1", "greater than or equal to 0"),
     "DC_MEANSQ_DECAY": ("1.0", "less than 1"),
-    "PARAM_HOSTS": ("a,b", "comma-separated list"),
+    "PARAM_HOSTS": ("a,b", "list of non-negative ranks separated by ':' or ','"),
     "STALENESS_BOUND": ("-2", "greater than or equal to 0"),
     "STRAGGLER_RANK": ("x", "valid integer"),
     "STRAGGLER_DELAY": ("-1", "greater than or equal to 0"),
@@ -59,6 +61,8 @@ BAD = {
     "LOADER_WORKERS": ("-1", "greater than or equal to 0"),
     "STALE_WAIT": ("inf", "finite number"),
     "EXCHANGE_ID": ("../other", "should match pattern"),
+    "TENSORBOARD": ("maybe", "valid boolean"),
+    "CSV": ("2", "valid boolean"),
 }
 
 # Settings whose every non-empty value is syntactically valid (paths, names) are covered elsewhere:
@@ -151,16 +155,16 @@ def test_describe_reports_source(env):
 
 
 def test_cli_config_exit_codes():
-    bad = subprocess.run([HPCDISTILL, "config"], env=clean_env(HPCDISTILL_STEPS="abc"), capture_output=True, text=True)
+    bad = subprocess.run([HPCDISTILL, "config"], env=job_env(HPCDISTILL_STEPS="abc"), capture_output=True, text=True)
     assert bad.returncode == 2 and "HPCDISTILL_STEPS" in bad.stderr and "'abc'" in bad.stderr
-    good = subprocess.run([HPCDISTILL, "config"], env=clean_env(HPCDISTILL_STEPS="7"), capture_output=True, text=True)
-    assert good.returncode == 0 and any(l.split()[:3] == ["HPCDISTILL_STEPS", "7", "environment"]
-                                        for l in good.stdout.splitlines())
+    good = subprocess.run([HPCDISTILL, "config"], env=job_env(HPCDISTILL_STEPS="7"), capture_output=True, text=True)
+    assert good.returncode == 0 and any(line.split()[:3] == ["HPCDISTILL_STEPS", "7", "environment"]
+                                        for line in good.stdout.splitlines())
 
 
 def test_train_with_bad_setting_fails_before_mpi():
     """Exit 2 in a second, without starting MPI (no mpirun, no singleton init)."""
-    proc = subprocess.run([HPCDISTILL, "train"], env=clean_env(HPCDISTILL_BATCH_SIZE="-1"), capture_output=True,
+    proc = subprocess.run([HPCDISTILL, "train"], env=job_env(HPCDISTILL_BATCH_SIZE="-1"), capture_output=True,
                           text=True, timeout=60)
     assert proc.returncode == 2 and "HPCDISTILL_BATCH_SIZE='-1'" in proc.stderr
 
@@ -179,7 +183,7 @@ def test_free_form_settings_are_checked_against_the_filesystem_before_mpi(tmp_pa
         "exchange_dir": {"HPCDISTILL_MODE": "codistill", "HPCDISTILL_EXCHANGE_DIR": blocked},
         "teachers": {"HPCDISTILL_MODE": "distill", "HPCDISTILL_TEACHERS": tmp_path / "nowhere.h5"},
     }[case])
-    proc = subprocess.run([HPCDISTILL, "train"], env=clean_env(**env), capture_output=True, text=True, timeout=60)
+    proc = subprocess.run([HPCDISTILL, "train"], env=job_env(**env), capture_output=True, text=True, timeout=60)
     want = {"model": "charlm", "dataset": "hpcdistill data import mnist", "run_dir_file": "HPCDISTILL_RUN_DIR",
             "exchange_dir": "HPCDISTILL_EXCHANGE_DIR",
             "teachers": "HPCDISTILL_TEACHERS"}[case]
@@ -202,3 +206,95 @@ def test_values_that_once_slipped_through_are_refused(env, name, value, phrase):
     with pytest.raises(ConfigError) as exc:
         load_settings()
     assert f"{PREFIX}{name}={value!r}" in str(exc.value) and phrase in str(exc.value), str(exc.value)
+
+
+def test_list_settings_take_colons_as_well_as_commas(env):
+    """`sbatch --export=ALL,HPCDISTILL_PARAM_HOSTS=0,1` cuts the value at the comma; `0:1` survives it."""
+    env.setenv("HPCDISTILL_PARAM_HOSTS", "0:1")
+    env.setenv("HPCDISTILL_TEACHERS", "a.h5:b.h5")
+    env.setenv("HPCDISTILL_OMIT_CLASSES", "3:5")
+    s = load_settings()
+    assert s.host_ranks == (0, 1) and s.teacher_paths == (Path("a.h5"), Path("b.h5")) and s.omitted_classes == (3, 5)
+    env.setenv("HPCDISTILL_PARAM_HOSTS", "0, 2:4")  # mixed separators and blanks
+    env.setenv("HPCDISTILL_TEACHERS", "runs/a,runs/b:c.h5")
+    s = load_settings()
+    assert s.host_ranks == (0, 2, 4) and s.teacher_paths == (Path("runs/a"), Path("runs/b"), Path("c.h5"))
+    env.setenv("HPCDISTILL_MODE", "async")
+    env.setenv("HPCDISTILL_PARAM_HOSTS", "0:1:2:3")
+    env.setenv("OMPI_COMM_WORLD_SIZE", "4")
+    with pytest.raises(ConfigError, match="at least one worker"):
+        load_settings()
+    for bad in ("0::0", "0:x"):
+        env.setenv("HPCDISTILL_PARAM_HOSTS", bad)
+        with pytest.raises(ConfigError, match="HPCDISTILL_PARAM_HOSTS"):
+            load_settings()
+    env.setenv("HPCDISTILL_PARAM_HOSTS", "0")
+    env.setenv("HPCDISTILL_OMIT_CLASSES", ":")
+    with pytest.raises(ConfigError, match="class indices"):
+        load_settings()
+
+
+def test_describe_shows_computed_defaults(env):
+    """The defaults that follow from other settings (blank in `hpcdistill config` before) have their value."""
+    rows = {r["variable"]: r for r in describe(load_settings())}
+    for var, value in (("LR", "0.05"), ("MODEL", "mlp"), ("GROUPS", "1"), ("DC_LAMBDA", "2.0")):
+        assert (rows[PREFIX + var]["value"], rows[PREFIX + var]["source"]) == (value, "computed"), rows[PREFIX + var]
+    assert rows[PREFIX + "RUN_DIR"]["value"] == "" and rows[PREFIX + "RUN_DIR"]["source"] == "default"
+    env.setenv("HPCDISTILL_MODE", "codistill")
+    env.setenv("HPCDISTILL_GROUP_MODE", "async")
+    env.setenv("HPCDISTILL_DATASET", "text")
+    env.setenv("HPCDISTILL_ASYNC_RULE", "dcasgd-c")
+    rows = {r["variable"]: r["value"] for r in describe(load_settings())}
+    assert [rows[PREFIX + v] for v in ("LR", "MODEL", "GROUPS", "DC_LAMBDA")] == ["0.003", "charlm", "2", "0.04"]
+    env.setenv("HPCDISTILL_OPTIMIZER", "sgd")
+    env.setenv("HPCDISTILL_LR", "0.5")
+    rows = {r["variable"]: r for r in describe(load_settings(), kind="image")}
+    assert rows[PREFIX + "LR"]["source"] == "environment" and rows[PREFIX + "LR"]["value"] == "0.5"
+    assert rows[PREFIX + "MODEL"]["value"] == "mlp"  # the kind given wins over the built-in's
+
+
+def _config_json(env: dict, prelude: str = "") -> dict:
+    """`hpcdistill config --json` (after `prelude` in the same bash) as {variable: (value, source)}."""
+    proc = subprocess.run(["bash", "-c", f"{prelude}\nexec {HPCDISTILL} config --json"], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    return {r["variable"]: (r["value"], r["source"]) for r in json.loads(proc.stdout)}
+
+
+def test_settings_env_round_trip(env, tmp_path, data_dir):
+    """`hpcdistill config --env` written to a file and sourced with `set -a` in a clean environment gives
+    the same value for every setting: quoting (spaces, quotes, JSON), computed defaults pinned, unset
+    ones left unset (an empty value would be refused)."""
+    settings = {  # `env` (the fixture) keeps stray settings of this process out of Settings() below
+        "HPCDISTILL_MODE": "codistill", "HPCDISTILL_GROUP_MODE": "async", "HPCDISTILL_DATA_DIR": data_dir,
+        "HPCDISTILL_RUN_DIR": tmp_path / "my run's dir $HOME", "HPCDISTILL_MODEL_ARGS": '{"hidden": [32, 16]}',
+        "HPCDISTILL_OMIT_CLASSES": "3:5", "HPCDISTILL_TEMPERATURE": "2.5", "HPCDISTILL_TENSORBOARD": "false",
+        "HPCDISTILL_STALENESS_BOUND": "", "HPCDISTILL_WEIGHT_DECAY": "1e-05", "HPCDISTILL_PARAM_HOSTS": "0,1",
+    }
+    proc = subprocess.run([HPCDISTILL, "config", "--env"], env=job_env(**settings), capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    text = proc.stdout
+    path = tmp_path / "settings.env"
+    path.write_text(text)
+    assert "HPCDISTILL_LR=0.2  # (computed)" in text and "HPCDISTILL_GROUPS=2  # (computed)" in text
+    assert "# HPCDISTILL_EXCHANGE_ID=" in text and "# HPCDISTILL_STALENESS_BOUND=" in text
+    assert "HPCDISTILL_MODEL_ARGS='{\"hidden\": [32, 16]}'" in text
+
+    before = _config_json(job_env(**settings))
+    after = _config_json(job_env(), f"set -a; . {path}; set +a")
+    assert {k: v[0] for k, v in after.items()} == {k: v[0] for k, v in before.items()}
+    assert before[PREFIX + "LR"] == ("0.2", "computed") and after[PREFIX + "LR"] == ("0.2", "environment")
+    assert after[PREFIX + "RUN_DIR"][0] == str(tmp_path / "my run's dir $HOME")
+    unset = {k for k, (value, _) in before.items() if value == ""}
+    assert unset and all(after[k] == ("", "default") for k in unset)
+    # the file is also what settings_env() gives for the same settings in this process
+    same = Settings(**{k[len(PREFIX):].lower(): v for k, v in settings.items() if v != ""})
+    assert settings_env(same, kind="image") == text
+    # unpinned: computed defaults as comments too, so the sourced settings are exactly the original ones
+    path.write_text(settings_env(same, kind="image", pin_computed=False))
+    assert "# HPCDISTILL_LR=0.2  # (computed)" in path.read_text()
+    unpinned = _config_json(job_env(), f"set -a; . {path}; set +a")
+    assert {k: v[0] for k, v in unpinned.items()} == {k: v[0] for k, v in before.items()}
+    assert ({k for k, v in unpinned.items() if v[1] == "computed"}
+            == {k for k, v in before.items() if v[1] == "computed"})

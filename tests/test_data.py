@@ -6,10 +6,11 @@ import h5py
 import numpy as np
 import pytest
 
-from conftest import flip_stored_byte
 from hpcdistill.data import DataError, dataset_info, import_arrays, prepare
 from hpcdistill.data.builtin import SEQ_LEN, text_corpus, text_regions
 from hpcdistill.data.format import read_split_attrs
+
+from conftest import flip_stored_byte
 
 
 @pytest.fixture(scope="module")
@@ -142,9 +143,9 @@ def _import_cli(data_dir, name, *args, seed=None):
     """`hpcdistill data import NAME --data-dir DATA_DIR ARGS...` in a subprocess."""
     import subprocess
 
-    from conftest import HPCDISTILL, clean_env
+    from hpcdistill.launch import HPCDISTILL, job_env
 
-    env = clean_env(**({"HPCDISTILL_SEED": seed} if seed is not None else {}))
+    env = job_env(seed=seed)
     return subprocess.run([HPCDISTILL, "data", "import", name, "--data-dir", str(data_dir), *map(str, args)],
                           env=env, capture_output=True, text=True, timeout=300)
 

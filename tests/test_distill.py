@@ -6,6 +6,8 @@ import pytest
 
 from conftest import builtin_model, summary, train
 
+pytestmark = pytest.mark.mpi
+
 
 @pytest.fixture(scope="module")
 def teacher_run(tmp_path_factory, data_dir):

@@ -8,9 +8,10 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import builtin_model, flip_stored_byte
 from hpcdistill.checkpoints import capture, model_arrays, write_h5
 from hpcdistill.exchange import Exchange
+
+from conftest import builtin_model, flip_stored_byte
 
 ARCH = {"name": "mlp", "sizes": [16, 16]}
 HEALTHY = {"train_loss": 1.0, "initial_loss": 2.3}
@@ -184,6 +185,7 @@ def test_concurrent_writer_never_exposes_a_partial_file(tmp_path):
     assert steps == sorted(steps)  # never goes back to an older teacher
 
 
+@pytest.mark.mpi  # MPI initialised in this process (COMM_SELF)
 def test_a_group_that_left_is_not_waited_for(tmp_path):
     """Policy "wait" polls for a fresher peer file; a peer that diverged marks itself gone, and the
     waiting group drops it at once instead of after the timeout. Publishing again clears the mark."""

@@ -1,15 +1,18 @@
-"""`hpcdistill report`: tables and PNG plots from real run directories (tiny mpirun runs), unfinished
+"""`hpcdistill report`: tables and PNG plots from real run directories (canned real runs in tests/fixtures), unfinished
 runs, resumed metrics, and the exit code 2 for a directory that is not a run."""
 
 import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
-from conftest import clean_env, needs_mpi, summary, train
 from hpcdistill import report as rp
+from hpcdistill.launch import job_env
+
+from conftest import summary
 
 HPCDISTILL = [sys.executable, "-m", "hpcdistill"]
 PNGS = ["train_loss_vs_step.png", "train_loss_vs_time.png", "validation_vs_step.png", "validation_vs_time.png"]
@@ -17,19 +20,20 @@ PNGS = ["train_loss_vs_step.png", "train_loss_vs_time.png", "validation_vs_step.
 
 def cli_report(*args):
     return subprocess.run([*HPCDISTILL, "report", *map(str, args)], capture_output=True, text=True, timeout=120,
-                          env=clean_env())
+                          env=job_env())
+
+
+FIXTURE_RUNS = Path(__file__).resolve().parent / "fixtures" / "runs"
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, data_dir):
-    """Four real runs on digits: sync on 2 ranks, codistill with 2 groups of 1 rank, the
-    distillation of the codistilled pair into mlp-small on 1 rank, and mlp-small trained alone."""
+def runs(tmp_path_factory):
+    """Canned real runs (tests/fixtures/runs, made by tests/fixtures/make_runs.py: 30 steps on digits;
+    sync 2 ranks, codistill 2x1, async 1 host + 2 workers, distill into mlp-small, mlp-small alone),
+    copied: reports are written next to them."""
     root = tmp_path_factory.mktemp("report")
-    common = dict(data_dir=data_dir, steps=30, eval_every=10, log_every=5, timeout=240)
-    train(2, root / "sync", mode="sync", **common)
-    train(2, root / "codistill", mode="codistill", groups=2, exchange_every=10, burn_in=10, **common)
-    train(1, root / "distill", mode="distill", teachers=root / "codistill", model="mlp-small", **common)
-    train(1, root / "alone", mode="sync", model="mlp-small", **common)
+    for run in sorted(FIXTURE_RUNS.iterdir()):
+        shutil.copytree(run, root / run.name)
     return root
 
 
@@ -47,16 +51,20 @@ def section(text, title):
 
 
 def assert_png(path, width=None):
+    """A PNG of about `width` pixels (the figure's inches at 150 dpi; bbox_inches="tight" trims the
+    margins and makes room for the legend outside the axes), not blank, with 150 dpi recorded."""
     from matplotlib.image import imread
+    from PIL import Image
 
     img = imread(path)
-    assert img.ndim == 3 and img.shape[2] in (3, 4) and img.shape[0] >= 300, img.shape
+    assert img.ndim == 3 and img.shape[2] in (3, 4) and img.shape[0] >= 450, img.shape
     if width:
-        assert img.shape[1] == width
+        assert 0.8 * width <= img.shape[1] <= 1.3 * width, (img.shape, width)
     assert img[..., :3].std() > 0.05  # not a blank canvas
+    with Image.open(path) as im:
+        assert round(im.info["dpi"][0]) == 150, im.info
 
 
-@needs_mpi
 def test_report_of_sync_and_codistill_runs(runs, tmp_path):
     out = tmp_path / "out"
     proc = cli_report(runs / "sync", runs / "codistill", "--out", out)
@@ -64,7 +72,7 @@ def test_report_of_sync_and_codistill_runs(runs, tmp_path):
     md = (out / "report.md").read_text()
     assert proc.stdout.split("\nwrote ")[0].strip() in md  # stdout shows the same tables
     for name in PNGS:
-        assert_png(out / name, width=800 if name.startswith("train") else 1200)
+        assert_png(out / name, width=1200 if name.startswith("train") else 1800)
         assert f"]({name})" in md
 
     s, c = summary(runs / "sync"), summary(runs / "codistill")
@@ -90,7 +98,6 @@ def test_report_of_sync_and_codistill_runs(runs, tmp_path):
     assert "## Async" not in md and "## Distillation" not in md and "## Notes" not in md
 
 
-@needs_mpi
 def test_plot_lines_are_one_per_run_and_group(runs):
     loaded = [rp.load_run(runs / "sync"), rp.load_run(runs / "codistill")]
     labels = [label for _, label, _, _, _ in rp._lines(loaded)]
@@ -101,7 +108,6 @@ def test_plot_lines_are_one_per_run_and_group(runs):
     assert all(b[1] >= a[1] for a, b in zip(x.train, x.train[1:]))  # wall time increases
 
 
-@needs_mpi
 def test_default_out_dir_and_distill_section(runs, capsys):
     assert rp.report([runs / "distill", runs / "codistill"], out=None) == 0
     out = runs / "distill" / "report"
@@ -117,17 +123,16 @@ def test_default_out_dir_and_distill_section(runs, capsys):
     assert row(section(text, "Runs"), "distill")[1:3] == ["distill", "mlp-small"]
 
 
-@needs_mpi
 def test_distill_section_says_how_much_of_the_gap_closed(runs, capsys):
     assert rp.report([runs / "codistill", runs / "distill", runs / "alone", runs / "sync"], out=runs / "gap") == 0
     d, alone = summary(runs / "distill"), summary(runs / "alone")
     cells = row(section(capsys.readouterr().out, "Distillation"), "distill")
-    t, st, a = d["distill"]["teacher_test_accuracy"], d["groups"][0]["test_accuracy"], alone["groups"][0]["test_accuracy"]
+    t, st, a = (d["distill"]["teacher_test_accuracy"], d["groups"][0]["test_accuracy"],
+                alone["groups"][0]["test_accuracy"])
     assert cells[5] == f"{a:.4f}"
     assert cells[6] == (f"{(st - a) / (t - a) * 100:.0f} % (alone)" if t != a else "–")
 
 
-@needs_mpi
 def test_unfinished_run_is_reported_as_such(runs, tmp_path):
     unfinished = tmp_path / "unfinished"
     unfinished.mkdir()
@@ -186,10 +191,98 @@ def test_async_section_from_summary(tmp_path):
                                                  "world_size": 6, "num_groups": 2}))
     (run / "summary.json").write_text(json.dumps({
         "mode": "codistill", "world_size": 6, "num_groups": 2, "steps": 120, "wall_seconds": 9.0,
-        "samples_per_second": 900.0, "groups": [], "async": {"groups": [part, {**part, "updates": 238}]}}))
+        "samples_per_second": 900.0, "dataset": "digits", "model": "mlp", "run_dir": str(run), "groups": [],
+        "async": {"groups": [part, {**part, "updates": 238}]}}))
     proc = cli_report(run)
     assert proc.returncode == 0, proc.stderr
     text = section(proc.stdout, "Async")
     assert row(text, "a g0")[1:9] == ["dcasgd-a", "2", "240", "0.74", "1", "3", "4", "398"]
     assert row(text, "a g1")[3] == "238"
     assert (run / "report" / "report.md").is_file()
+
+
+def test_log_scale_option_writes_the_pngs(runs, tmp_path):
+    out = tmp_path / "log"
+    proc = cli_report(runs / "sync", runs / "codistill", "--out", out, "--log-scale")
+    assert proc.returncode == 0, proc.stderr
+    for name in PNGS:
+        assert_png(out / name, width=1200 if name.startswith("train") else 1800)
+        assert f"]({name})" in (out / "report.md").read_text()
+
+
+def _long_run(path, steps=400, every=2, groups=1):
+    """A finished-looking run directory with a noisy, decaying loss logged every `every` steps."""
+    import random
+
+    rng = random.Random(0)
+    path.mkdir()
+    (path / "config.json").write_text(json.dumps({"settings": {"mode": "sync", "steps": steps}}))
+    for g in range(groups):
+        lines = []
+        for step in range(every, steps + 1, every):
+            lines.append(json.dumps({"step": step, "group": g, "time": step / 100,
+                                     "loss": 3.0 * 0.99 ** step * (1 + 0.5 * rng.random()) + 0.01}))
+            if step % 50 == 0:
+                lines.append(json.dumps({"step": step, "group": g, "time": step / 100 + 0.01,
+                                         "val_loss": 2.0 * 0.99 ** step + 0.02, "val_accuracy": 1 - 0.99 ** step}))
+        name = "metrics.jsonl" if groups == 1 else f"metrics-g{g}.jsonl"
+        (path / name).write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_smoothed_loss_log_scale_limits_and_legends(tmp_path, monkeypatch):
+    """The training loss smoothed over its faint raw values, a log y axis for the losses with
+    `log_scale` (accuracy stays linear), y limits around the data, legends outside the axes, 150 dpi
+    with a tight bounding box."""
+    import numpy as np
+    from matplotlib.figure import Figure
+
+    runs = [rp.load_run(_long_run(tmp_path / "a")), rp.load_run(_long_run(tmp_path / "b", groups=2))]
+    rp._unique_labels(runs)
+    captured, orig = [], Figure.savefig
+
+    def keep(fig, *args, **kwargs):
+        captured.append((fig, kwargs))
+        return orig(fig, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", keep)
+    assert sorted(rp.write_plots(runs, tmp_path, log_scale=True)) == sorted(PNGS)
+    for name in PNGS:
+        assert_png(tmp_path / name)
+    (train_fig, kw), (val_fig, _) = captured[0], captured[1]
+    assert kw["dpi"] == 150 and kw["bbox_inches"] == "tight"
+    ax = train_fig.axes[0]
+    assert ax.get_yscale() == "log"
+    raw = [ln for ln in ax.get_lines() if ln.get_alpha() == 0.25]
+    smoothed = [ln for ln in ax.get_lines() if not ln.get_label().startswith("_")]
+    assert [ln.get_label() for ln in smoothed] == ["a", "b g0", "b g1"] and len(raw) == 3
+    for r, sm in zip(raw, smoothed):
+        assert list(sm.get_ydata()) == pytest.approx(rp.smooth(list(r.get_ydata())))
+        assert np.abs(np.diff(sm.get_ydata())).sum() < np.abs(np.diff(r.get_ydata())).sum()  # smoother
+    values = [v for ln in raw for v in ln.get_ydata()]
+    lo, hi = ax.get_ylim()
+    assert lo < min(values) and hi > max(values) and (hi / lo) < 2 * max(values) / min(values)
+    renderer = train_fig.canvas.get_renderer()
+    legend = ax.get_legend()
+    assert legend.get_window_extent(renderer).x0 >= ax.get_window_extent(renderer).x1  # outside the axes
+    loss_ax, acc_ax = val_fig.axes[:2]
+    assert loss_ax.get_yscale() == "log" and acc_ax.get_yscale() == "linear"
+    accs = [v for ln in acc_ax.get_lines() for v in ln.get_ydata()]
+    assert acc_ax.get_ylim()[0] < min(accs) and acc_ax.get_ylim()[1] > max(accs)
+    # linear (the default): the same data, a linear axis
+    captured.clear()
+    rp.write_plots(runs, tmp_path)
+    assert captured[0][0].axes[0].get_yscale() == "linear"
+
+
+def test_smoothing():
+    assert rp.smoothing_weight(5) == 0.0 and rp.smoothing_weight(20) == 0.5 and rp.smoothing_weight(1000) == 0.9
+    assert rp.smooth([3.0, 1.0, 2.0], weight=0.0) == [3.0, 1.0, 2.0]
+    ema = rp.smooth([4.0, 2.0], weight=0.5)
+    assert ema[0] == 4.0 and ema[1] == pytest.approx((0.25 * 4 + 0.5 * 2) / 0.75)  # bias-corrected
+    assert len(rp.smooth([1.0] * 50)) == 50 and rp.smooth([1.0] * 50) == pytest.approx([1.0] * 50)
+
+
+def test_markdown_table_is_the_one_helper():
+    assert rp.markdown_table(["a", "bb"], [["x", None]]) == "| a | bb |\n|---|----|\n| x | –  |"
+    assert rp.markdown_table(["n"], [[12], [3]], align="right") == "|  n |\n|---:|\n| 12 |\n|  3 |"

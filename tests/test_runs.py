@@ -10,14 +10,20 @@ import subprocess
 import time
 from pathlib import Path
 
-from conftest import HPCDISTILL, ROOT, clean_env, mpirun_cmd, summary, train
+import pytest
+
+from hpcdistill.launch import HPCDISTILL, job_env, mpirun_command
+
+from conftest import ROOT, summary, train
+
+pytestmark = pytest.mark.mpi
 
 CLAIM = ".hpcdistill-claim.json"
 
 
 def start(run: Path, np_: int = 2, **settings) -> subprocess.Popen:
-    env = clean_env(**{f"HPCDISTILL_{k.upper()}": str(v) for k, v in {"run_dir": run, **settings}.items()})
-    return subprocess.Popen(mpirun_cmd(np_, HPCDISTILL, "train"), env=env, stdout=subprocess.PIPE,
+    env = job_env(**{"run_dir": run, **settings})
+    return subprocess.Popen(mpirun_command(np_, HPCDISTILL, "train"), env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, cwd=ROOT)
 
 
@@ -107,7 +113,7 @@ def test_a_stop_signal_cuts_a_stale_teacher_wait_short(tmp_path, data_dir):
     out, _ = proc.communicate(timeout=120)
     elapsed = time.monotonic() - t
     output = "".join(lines) + out
-    assert proc.returncode == 0 and elapsed < 30, (elapsed, output[-3000:])
+    assert proc.returncode == 75 and elapsed < 30, (elapsed, output[-3000:])
     assert "checkpoint written at step" in output and not (run / "summary.json").exists()
     for g in (0, 1):
         assert list((run / "checkpoints" / f"group-{g}").glob("step-*.h5")), g

@@ -30,9 +30,9 @@ TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_
             "DEADLINE", "PREEMPTED"}
 JOB_TIMEOUT = 540  # seconds any one job may take, queueing and requeueing included
 
-pytestmark = pytest.mark.skipif(
+pytestmark = [pytest.mark.mpi, pytest.mark.skipif(
     os.geteuid() != 0 or (shutil.which("apt-get") is None and shutil.which("slurmctld") is None),
-    reason="a local Slurm needs root (and apt-get to install it)")
+    reason="a local Slurm needs root (and apt-get to install it)")]
 
 # The settings of the signalled run, its reference runs and the restart-limit run. HOROVOD_CYCLE_TIME
 # (ms between Horovod's background cycles) stretches every step to >= 50 ms without using CPU, so the
@@ -93,9 +93,9 @@ class Workspace:
         env.update({k: str(v) for k, v in settings.items()})
         return env
 
-    def submit(self, name: str, template: str, *sbatch_args: str, **settings) -> str:
-        """sbatch --export=ALL slurm/<template> with the settings in the environment."""
-        cmd = ["sbatch", "--parsable", "--overcommit", "--export=ALL", *sbatch_args, str(SLURM / template)]
+    def submit(self, name: str, template: str, *sbatch_args: str, export: str = "ALL", **settings) -> str:
+        """sbatch --export=<export> slurm/<template> with the settings in the environment."""
+        cmd = ["sbatch", "--parsable", "--overcommit", f"--export={export}", *sbatch_args, str(SLURM / template)]
         proc = subprocess.run(cmd, env=self.env(**settings), cwd=self.path, capture_output=True, text=True)
         assert proc.returncode == 0, f"{cmd}: {proc.stderr}"
         self.jobs[name] = job_id = proc.stdout.strip().split(";")[0]
@@ -194,6 +194,9 @@ def ws(slurm, tmp_path_factory) -> Workspace:
     ws.submit("timelimit", "sync.sbatch", "--ntasks=4", "--time=3", "--signal=B:USR2@100",
               "--job-name=hpcd-timelimit", HPCD_MAX_RESTARTS=10, **{**SLOW, "HOROVOD_CYCLE_TIME": "500"})
     ws.submit("async", "async.sbatch", "--ntasks=4", HPCDISTILL_STEPS=30)
+    # A list setting on the sbatch line: Slurm cuts --export at commas, `0:1` must arrive whole.
+    ws.submit("async_hosts", "async.sbatch", "--ntasks=3", "--job-name=hpcd-async2",
+              export="ALL,HPCDISTILL_PARAM_HOSTS=0:1", HPCDISTILL_STEPS=20, HPCDISTILL_LOG_EVERY=5)
     ws.submit("sweep", "sweep.sbatch", "--ntasks=2", "--array=0-1", HPCDISTILL_MODE="sync", HPCDISTILL_STEPS=20,
               HPCD_SWEEP_VAR="HPCDISTILL_LR", HPCD_SWEEP_VALUES="0.02 0.1")
     return ws
@@ -248,8 +251,8 @@ def test_time_limit_signal_checkpoints_requeues_and_resumes_to_the_same_weights(
 
 
 def test_signal_to_the_tasks_and_the_restart_limit(ws):
-    """USR2 straight to the tasks (--signal without B:): the batch shell infers it from srun's exit 0
-    without summary.json and would requeue, but HPCD_MAX_RESTARTS=0 stops it."""
+    """USR2 straight to the tasks (--signal without B:): the batch shell infers it from srun's exit 75
+    (stopped, resume me) and would requeue, but HPCD_MAX_RESTARTS=0 stops it."""
     job_id = ws.jobs["limit"]
     (record,) = wait_job(job_id)
     out = ws.output("hpcd-limit", job_id)
@@ -286,6 +289,18 @@ def test_async_job(ws):
     assert summary["mode"] == "async" and summary["world_size"] == 4, out[-3000:]
     a = summary["async"]
     assert a["workers"] == 3 and a["updates"] > 0, a
+
+
+def test_async_job_with_two_hosts_from_the_export_line(ws):
+    """`sbatch --export=ALL,HPCDISTILL_PARAM_HOSTS=0:1` (3 tasks): two parameter hosts and one worker
+    (with `0,1` Slurm would have passed `0`: one host, two workers)."""
+    _, summary, out = _assert_completed(ws, "hpcd-async2", "async_hosts")
+    run = ws.run_dir("hpcd-async2", ws.jobs["async_hosts"])
+    assert json.loads((run / "config.json").read_text())["settings"]["param_hosts"] == "0:1"
+    assert summary["mode"] == "async" and summary["world_size"] == 3, out[-3000:]
+    a = summary["async"]
+    a = a["groups"][0] if isinstance(a.get("groups"), list) else a
+    assert a["hosts"] == [0, 1] and a["workers"] == 1 and a["updates"] > 0, a
 
 
 def test_sweep_job_array_one_run_dir_per_task(ws):

@@ -10,9 +10,14 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
-from conftest import HPCDISTILL, ROOT, clean_env, flip_stored_byte, metrics, mpirun_cmd, run_mpi, summary, train
 from hpcdistill.checkpoints import CheckpointManager, read_h5
+from hpcdistill.launch import HPCDISTILL, job_env, mpirun_command
+
+from conftest import ROOT, flip_stored_byte, metrics, run_mpi, summary, train
+
+pytestmark = pytest.mark.mpi
 
 
 def _final_model(run_dir: Path) -> tuple[int, dict]:
@@ -80,14 +85,13 @@ def test_signal_checkpoints_and_resume_matches_uninterrupted_run(tmp_path, data_
 
     for how in ("mpirun-usr2", "sigterm"):
         run = tmp_path / how
-        env = clean_env(**{f"HPCDISTILL_{k.upper()}": v for k, v in settings.items()},
-                        HPCDISTILL_RUN_DIR=run, HPCDISTILL_RESUME="auto")
-        stopped = _stop_midway(mpirun_cmd(2, HPCDISTILL, "train"), env, run, after_step=60, how=how)
-        assert stopped.returncode == 0, stopped.output[-3000:]
+        env = job_env(**settings, run_dir=run, resume="auto")
+        stopped = _stop_midway(mpirun_command(2, HPCDISTILL, "train"), env, run, after_step=60, how=how)
+        assert stopped.returncode == 75, stopped.output[-3000:]  # EX_TEMPFAIL: stopped, resume me
         assert "checkpoint written at step" in stopped.output and not (run / "summary.json").exists()
         step, _ = _final_model(run)
         assert 60 <= step < 200
-        resumed = subprocess.run(mpirun_cmd(2, HPCDISTILL, "train"), env=env, capture_output=True, text=True,
+        resumed = subprocess.run(mpirun_command(2, HPCDISTILL, "train"), env=env, capture_output=True, text=True,
                                  timeout=300, cwd=ROOT)
         assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
         assert "resuming from" in resumed.stdout and f"(step {step})" in resumed.stdout

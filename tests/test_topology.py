@@ -7,7 +7,11 @@ import sys
 
 import pytest
 
-from conftest import HPCDISTILL, ROOT, run_mpi
+from hpcdistill.launch import HPCDISTILL
+
+from conftest import ROOT, run_mpi
+
+pytestmark = pytest.mark.mpi
 
 
 @pytest.mark.parametrize("groups", [1, 2, 4])

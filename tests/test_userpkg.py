@@ -13,8 +13,10 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import HPCDISTILL, ROOT, clean_env, mpirun_cmd, summary, train
 from hpcdistill.checkpoints import CheckpointManager, read_h5
+from hpcdistill.launch import HPCDISTILL, job_env, mpirun_command
+
+from conftest import ROOT, summary, train
 
 TESTS = Path(__file__).resolve().parent
 USER = {"model": "userpkg.models:bn_net", "dataset": "userpkg.data:blobs"}
@@ -40,6 +42,7 @@ def codistill_run(tmp_path_factory):
     return run
 
 
+@pytest.mark.mpi
 def test_sync_trains_a_user_batchnorm_model_and_records_its_factory(tmp_path):
     run = tmp_path / "sync"
     train(2, run, steps=150, model_args='{"width": 8}', **USER)
@@ -56,6 +59,7 @@ def test_sync_trains_a_user_batchnorm_model_and_records_its_factory(tmp_path):
     assert int(np.asarray(arrays["model/1.num_batches_tracked"])) == 150
 
 
+@pytest.mark.mpi
 def test_codistill_groups_load_each_others_user_models(codistill_run):
     s = summary(codistill_run)
     c = s["codistill"]
@@ -65,6 +69,7 @@ def test_codistill_groups_load_each_others_user_models(codistill_run):
         assert _newest(codistill_run, f"group-{g}")[1]["arch"]["factory"] == "userpkg.models:bn_net"
 
 
+@pytest.mark.mpi
 def test_async_workers_train_a_user_model_and_keep_their_own_batchnorm_statistics(tmp_path):
     """Buffers are not in the RMA windows: each worker keeps its own, and the lead worker's go into
     evaluation and the checkpoint (here: learned statistics, counted over the lead worker's batches)."""
@@ -78,6 +83,7 @@ def test_async_workers_train_a_user_model_and_keep_their_own_batchnorm_statistic
     assert np.abs(np.asarray(arrays["model/1.running_mean"])).max() > 0.01
 
 
+@pytest.mark.mpi
 def test_distill_from_the_codistill_run_into_a_smaller_model_of_the_same_package(tmp_path, codistill_run):
     run = tmp_path / "student"
     train(2, run, mode="distill", teachers=codistill_run, steps=150, model_args='{"width": 2}', **USER)
@@ -87,11 +93,12 @@ def test_distill_from_the_codistill_run_into_a_smaller_model_of_the_same_package
     assert summary(run)["groups"][0]["test_accuracy"] > 0.7
 
 
+@pytest.mark.mpi
 @pytest.mark.parametrize("fmt,suffix", [("safetensors", ".safetensors"), ("torch", ".pt")])
 def test_exported_teacher_distills_and_a_misfit_one_is_refused_naming_both_sides(tmp_path, codistill_run, fmt, suffix):
     ckpt = CheckpointManager(codistill_run / "checkpoints" / "group-0").paths()[0]
     out = tmp_path / f"teacher{suffix}"
-    proc = subprocess.run([HPCDISTILL, "export", str(ckpt), "--format", fmt, "--out", str(out)], env=clean_env(),
+    proc = subprocess.run([HPCDISTILL, "export", str(ckpt), "--format", fmt, "--out", str(out)], env=job_env(),
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and out.exists(), proc.stderr
     if fmt == "safetensors":
@@ -106,14 +113,15 @@ def test_exported_teacher_distills_and_a_misfit_one_is_refused_naming_both_sides
     common = dict(mode="distill", teachers=out, teacher_model="userpkg.models:bn_net", steps=60,
                   model_args='{"width": 2}', **USER)
     train(2, tmp_path / "ok", teacher_model_args='{"width": 8}', **common)
-    assert summary(tmp_path / "ok")["distill"]["teacher_parameters"] == sum(v.numel() for k, v in state.items()
-                                                                            if "running" not in k and "tracked" not in k)
+    assert summary(tmp_path / "ok")["distill"]["teacher_parameters"] == sum(
+        v.numel() for k, v in state.items() if "running" not in k and "tracked" not in k)
     proc = train(2, tmp_path / "misfit", check=False, teacher_model_args='{"width": 4}', **common)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "0.weight: the file (8, 1, 3, 3) float32, the model userpkg.models:bn_net builds (4, 1, 3, 3)" in proc.stderr
     assert not (tmp_path / "misfit" / "metrics.jsonl").exists()
 
 
+@pytest.mark.mpi
 def test_a_teacher_checkpoint_whose_tensors_do_not_match_its_record_is_refused(tmp_path, codistill_run):
     """A file claiming width 2 but holding width-8 tensors: refused from its metadata alone."""
     from hpcdistill.checkpoints import write_h5
@@ -132,6 +140,7 @@ def test_a_teacher_checkpoint_whose_tensors_do_not_match_its_record_is_refused(t
     assert proc.returncode == 2 and "'os:system', which this job does not name" in proc.stderr, proc.stderr[-2000:]
 
 
+@pytest.mark.mpi
 def test_resume_mid_epoch_is_bit_identical_even_with_loader_workers(tmp_path):
     """The reference runs 60 steps with 0 loader workers. A second run is the reference's directory
     cut back to its step-40 checkpoint (15 batches per epoch: epoch 2, batch 10), resumed with 2 loader workers:
@@ -155,6 +164,7 @@ def test_resume_mid_epoch_is_bit_identical_even_with_loader_workers(tmp_path):
     assert summary(resumed)["groups"][0]["test_loss"] == summary(reference)["groups"][0]["test_loss"]
 
 
+@pytest.mark.mpi
 def test_token_data_from_a_user_factory_trains(tmp_path):
     run = tmp_path / "tokens"
     train(1, run, model="userpkg.models:tagger", dataset="userpkg.data:tokens", steps=150, lr=0.03)
@@ -205,16 +215,17 @@ def test_bad_user_code_and_arguments_fail_before_mpi(monkeypatch, settings, mess
         assert message in text, text
 
 
+@pytest.mark.mpi
 @pytest.mark.parametrize("settings,message", [BAD[0], BAD[11]], ids=["model", "dataset"])
 def test_bad_user_code_exits_2_under_mpirun_and_in_config(tmp_path, settings, message):
-    env = clean_env(**{f"HPCDISTILL_{k.upper()}": v for k, v in {**USER, **settings}.items()},
-                    HPCDISTILL_RUN_DIR=tmp_path / "run")
-    for cmd in (mpirun_cmd(2, HPCDISTILL, "train"), [HPCDISTILL, "config"]):
+    env = job_env(**{**USER, **settings}, run_dir=tmp_path / "run")
+    for cmd in (mpirun_command(2, HPCDISTILL, "train"), [HPCDISTILL, "config"]):
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120, cwd=ROOT)
         assert proc.returncode == 2 and message in proc.stderr, (cmd, proc.stderr[-2000:])
     assert not (tmp_path / "run").exists()  # nothing started
 
 
+@pytest.mark.mpi
 def test_a_bad_label_or_a_nan_input_met_mid_run_is_a_data_error_not_a_crash_or_divergence(tmp_path):
     """Sample 500 of the train split (a user's dataset is not scanned up front) has label 12 of 4
     classes, or a NaN pixel: the batch holding it stops the job with exit 2 and says what and where,
@@ -224,5 +235,6 @@ def test_a_bad_label_or_a_nan_input_met_mid_run_is_a_data_error_not_a_crash_or_d
         proc = train(2, tmp_path / flaw, check=False, model="userpkg.models:bn_net", dataset="userpkg.data:mislabelled",
                      dataset_args=f'{{"flaw": "{flaw}"}}', steps=60, data_split="shared")
         assert proc.returncode == 2, proc.stderr[-2000:]
-        assert "HPCDISTILL_DATASET=userpkg.data:mislabelled" in proc.stderr and phrase in proc.stderr, proc.stderr[-2000:]
+        assert ("HPCDISTILL_DATASET=userpkg.data:mislabelled" in proc.stderr
+                and phrase in proc.stderr), proc.stderr[-2000:]
         assert "diverged" not in proc.stdout + proc.stderr

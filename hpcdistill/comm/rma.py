@@ -20,7 +20,6 @@ Buffers are flat numpy views: one MPI call per host shard, never one per paramet
 
 from __future__ import annotations
 
-import time
 from contextlib import ExitStack, contextmanager
 
 import numpy as np
@@ -39,19 +38,6 @@ def shard_bounds(n: int, parts: int) -> list[tuple[int, int]]:
         raise ValueError(f"need at least one shard, got {parts}")
     cuts = [n * i // parts for i in range(parts + 1)]
     return [(cuts[i], cuts[i + 1]) for i in range(parts)]
-
-
-def polite_wait(req, *, first: float = 0.0005, longest: float = 0.01) -> None:
-    """Complete a nonblocking request by polling it (each Test drives MPI progress) with short sleeps
-    that grow from `first` to `longest` seconds: no full core spent spinning, no blind long sleep."""
-    pause = first
-    while not req.Test():
-        time.sleep(pause)
-        pause = min(longest, pause * 2)
-
-
-def polite_barrier(comm) -> None:
-    polite_wait(comm.Ibarrier())
 
 
 def in_turn(world, group: int, num_groups: int, make):

@@ -3,7 +3,8 @@
 Codistillation splits MPI_COMM_WORLD into equal, contiguous groups (contiguous so that a group
 tends to share a node and its allreduce stays on the fast links). Each group gets its own MPI
 sub-communicator (for RMA windows and broadcasts) and its own Horovod on it (for gradient
-allreduce; the group is that Horovod's process set). Rank 0 of each group is its leader: the only rank that touches the exchange directory
+allreduce; the group is that Horovod's process set). Rank 0 of each group is its leader: the only
+rank that touches the exchange directory
 and the only one that speaks in the logs.
 """
 
@@ -84,7 +85,7 @@ def build_topology(num_groups: int, *, horovod: bool = True) -> Topology:
         device=_device(local_rank), leaders_comm=leaders_comm,
     )
     if horovod:
-        topo.process_set = _init_horovod(group_comm)
+        topo.process_set = init_horovod(group_comm)
     return topo
 
 
@@ -99,7 +100,7 @@ def _device(local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
-def _init_horovod(group_comm):
+def init_horovod(group_comm):
     """Each group its own Horovod, on its MPI sub-communicator: the group is Horovod's process set.
 
     Registering one process set per group on a world-wide Horovod couples the groups: its background

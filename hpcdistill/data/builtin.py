@@ -14,19 +14,31 @@ import re
 import shutil
 import sys
 import sysconfig
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import h5py
 import numpy as np
 
 from hpcdistill.atomic import fsync_dir
 from hpcdistill.config import MAX_CLASSES
-from hpcdistill.data.format import CHUNK_BYTES, SPLITS, DataError, dataset_info, write_split, write_split_blocks
+from hpcdistill.data.format import (
+    CHUNK_BYTES,
+    SPLITS,
+    DataError,
+    DatasetInfo,
+    read_split_attrs,
+    write_split,
+    write_split_blocks,
+)
 
-BUILTIN_DATASETS = {
-    "digits": "scikit-learn's 1797 handwritten digits, 8x8 grey images, 10 classes",
-    "text": "character-level language modelling on the Python standard library's sources, 64-char windows",
-}
+
+@dataclass(frozen=True)
+class BuiltinDataset:
+    about: str
+    build: Callable  # seed -> yields (split, (x, y), attributes)
+
 
 SEQ_LEN = 64
 CORPUS_CHARS = 4_000_000
@@ -45,8 +57,7 @@ def prepare(name: str, data_dir, *, seed: int = 0, force: bool = False) -> tuple
     whether it was written (False: valid existing files were kept).
 
     Valid existing files are kept (so every job script may call this) unless `force`."""
-    builders = {"digits": _digits, "text": _text}
-    if name not in builders:
+    if name not in BUILTIN_DATASETS:
         raise DataError(f"no built-in dataset {name!r} (built-ins: {', '.join(BUILTIN_DATASETS)}); "
                         f"for your own arrays run `hpcdistill data import {name} --x X.npy --y Y.npy`")
     path = Path(data_dir) / name
@@ -56,7 +67,7 @@ def prepare(name: str, data_dir, *, seed: int = 0, force: bool = False) -> tuple
             return path, False
         except DataError:
             pass  # missing or damaged: build it
-    for split, (x, y), attrs in builders[name](seed):
+    for split, (x, y), attrs in BUILTIN_DATASETS[name].build(seed):
         write_split(path, split, x, y, name=name, **attrs)
     return path, True
 
@@ -132,6 +143,15 @@ def _text(seed: int):
         x = region[: w * SEQ_LEN].reshape(w, SEQ_LEN)
         y = region[1: w * SEQ_LEN + 1].reshape(w, SEQ_LEN)
         yield split, (x, y), attrs
+
+
+# The single source of truth for built-in datasets: `data prepare`, the error messages and the tests
+# read this table.
+BUILTIN_DATASETS: dict[str, BuiltinDataset] = {
+    "digits": BuiltinDataset("scikit-learn's 1797 handwritten digits, 8x8 grey images, 10 classes", _digits),
+    "text": BuiltinDataset("character-level language modelling on the Python standard library's sources, "
+                           "64-char windows", _text),
+}
 
 
 def import_arrays(name: str, x_path, y_path, data_dir, *, val_fraction: float | None = None,
@@ -477,3 +497,39 @@ def _load_npy(path, what: str) -> np.ndarray:
         raise DataError(f"{path} is stored in Fortran (column) order, which spreads every sample over the "
                         f"whole file; save it row by row: np.save(path, np.ascontiguousarray({what}))")
     return arr
+
+
+def remedy(name: str) -> str:
+    """The command that (re)creates dataset `name`."""
+    if name in BUILTIN_DATASETS:
+        return f"run `hpcdistill data prepare {name}`"
+    return (f"run `hpcdistill data import {name} --x X.npy --y Y.npy`, or `hpcdistill data prepare "
+            f"NAME` for a built-in dataset ({', '.join(BUILTIN_DATASETS)})")
+
+
+def dataset_info(data_dir, name: str, *, verify: bool = True) -> DatasetInfo:
+    """Describe dataset `name` under `data_dir`, checking that its three split files agree.
+
+    With `verify` (the default) every file is re-hashed, so a damaged file is caught here rather
+    than mid-run; pass verify=False where only the attributes are needed (e.g. on every rank of a
+    large job after one rank has verified)."""
+    path = Path(data_dir) / name
+    if not path.is_dir():
+        raise DataError(f"dataset {name!r} not found: {path} does not exist; {remedy(name)}")
+    missing = [s for s in SPLITS if not (path / f"{s}.h5").is_file()]
+    if missing:
+        raise DataError(f"dataset {name!r} in {path} is incomplete (missing "
+                        f"{', '.join(s + '.h5' for s in missing)}); {remedy(name)}")
+    splits = {s: read_split_attrs(path / f"{s}.h5", verify=verify, fix=remedy(name)) for s in SPLITS}
+    first = splits["train"]
+    for s, a in splits.items():
+        for key in ("name", "kind", "num_classes", "input_shape", "vocab"):
+            if a.get(key) != first.get(key):
+                raise DataError(f"dataset {name!r}: {s}.h5 has {key}={a.get(key)!r} but train.h5 has "
+                                f"{first.get(key)!r} (files from different datasets?); {remedy(name)}")
+        if a.get("split") != s:
+            raise DataError(f"{path / (s + '.h5')} holds split {a.get('split')!r}, not {s!r}; {remedy(name)}")
+    return DatasetInfo(name=first["name"], kind=first["kind"], num_classes=int(first["num_classes"]),
+                       input_shape=tuple(first["input_shape"]),
+                       sizes={s: int(a["rows"]) for s, a in splits.items()},
+                       source=first["source"], vocab=first.get("vocab"), path=path)

@@ -46,16 +46,6 @@ class DatasetInfo:
         return self.path / f"{split}.h5"
 
 
-def remedy(name: str) -> str:
-    """The command that (re)creates dataset `name`."""
-    from hpcdistill.data.builtin import BUILTIN_DATASETS
-
-    if name in BUILTIN_DATASETS:
-        return f"run `hpcdistill data prepare {name}`"
-    return (f"run `hpcdistill data import {name} --x X.npy --y Y.npy`, or `hpcdistill data prepare "
-            f"NAME` for a built-in dataset ({', '.join(BUILTIN_DATASETS)})")
-
-
 def write_split(directory: Path, split: str, x: np.ndarray, y: np.ndarray, *, name: str, kind: str,
                 num_classes: int, source: str, vocab: str | None = None) -> Path:
     """Write one split file atomically (temporary file in the same directory, fsync, rename)."""
@@ -158,7 +148,8 @@ class _ValueCheck:
         for block in blocks:
             if which == "y" or self.kind == "sequence":
                 if block.dtype.kind not in "iu":
-                    raise DataError(f"{self.path}: {which} holds {block.dtype} values, expected integer labels; {self.fix}")
+                    raise DataError(f"{self.path}: {which} holds {block.dtype} values, expected integer labels; "
+                                    f"{self.fix}")
                 bad = (block < 0) | (block >= self.num_classes)
                 if bad.any():
                     at = row + int(np.argwhere(bad)[0][0])
@@ -172,14 +163,13 @@ class _ValueCheck:
             yield block
 
 
-def read_split_attrs(path: Path, *, verify: bool = False, name: str | None = None) -> dict:
+def read_split_attrs(path: Path, *, verify: bool = False, fix: str = "rebuild or re-import the dataset") -> dict:
     """The attributes of one split file plus `rows` and `row_bytes` (x and y of one sample);
     DataError if it is not a valid split file.
 
     `verify` re-hashes x and y against the stored sha256 (reads the whole file), checking on the way
     that every label is within [0, num_classes) and every float input finite."""
     path = Path(path)
-    fix = remedy(name or path.parent.name)
     try:
         with h5py.File(path, "r") as f:
             attrs = {k: _plain(v) for k, v in f.attrs.items()}
@@ -225,31 +215,3 @@ def _plain(v):
     if isinstance(v, np.generic):
         return v.item()
     return v
-
-
-def dataset_info(data_dir, name: str, *, verify: bool = True) -> DatasetInfo:
-    """Describe dataset `name` under `data_dir`, checking that its three split files agree.
-
-    With `verify` (the default) every file is re-hashed, so a damaged file is caught here rather
-    than mid-run; pass verify=False where only the attributes are needed (e.g. on every rank of a
-    large job after one rank has verified)."""
-    path = Path(data_dir) / name
-    if not path.is_dir():
-        raise DataError(f"dataset {name!r} not found: {path} does not exist; {remedy(name)}")
-    missing = [s for s in SPLITS if not (path / f"{s}.h5").is_file()]
-    if missing:
-        raise DataError(f"dataset {name!r} in {path} is incomplete (missing "
-                        f"{', '.join(s + '.h5' for s in missing)}); {remedy(name)}")
-    splits = {s: read_split_attrs(path / f"{s}.h5", verify=verify, name=name) for s in SPLITS}
-    first = splits["train"]
-    for s, a in splits.items():
-        for key in ("name", "kind", "num_classes", "input_shape", "vocab"):
-            if a.get(key) != first.get(key):
-                raise DataError(f"dataset {name!r}: {s}.h5 has {key}={a.get(key)!r} but train.h5 has "
-                                f"{first.get(key)!r} (files from different datasets?); {remedy(name)}")
-        if a.get("split") != s:
-            raise DataError(f"{path / (s + '.h5')} holds split {a.get('split')!r}, not {s!r}; {remedy(name)}")
-    return DatasetInfo(name=first["name"], kind=first["kind"], num_classes=int(first["num_classes"]),
-                       input_shape=tuple(first["input_shape"]),
-                       sizes={s: int(a["rows"]) for s, a in splits.items()},
-                       source=first["source"], vocab=first.get("vocab"), path=path)

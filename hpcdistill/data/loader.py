@@ -222,4 +222,5 @@ def eval_batches(dataset, *, batch_size: int, rank: int = 0, size: int = 1, work
     _check_rank(rank, size, batch_size)
     n = len(dataset) if limit is None else min(limit, len(dataset))
     lo, hi = n * rank // size, n * (rank + 1) // size
-    return iter(_loader(dataset, _Contiguous(lo, hi, batch_size), workers, False, persistent=False)) if hi > lo else iter(())
+    return (iter(_loader(dataset, _Contiguous(lo, hi, batch_size), workers, False, persistent=False)) if hi > lo
+            else iter(()))

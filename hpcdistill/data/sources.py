@@ -21,8 +21,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from hpcdistill.data.format import CHUNK_BYTES, SPLITS, DataError, dataset_info
 from hpcdistill.config import MAX_CLASSES
+from hpcdistill.data.builtin import dataset_info
+from hpcdistill.data.format import CHUNK_BYTES, SPLITS, DataError
 from hpcdistill.imports import is_import_path, json_object, load_callable
 
 SHUFFLE_WINDOW_BLOCKS = 16  # HDF5 chunks a rank shuffles together (its chunk cache holds them: 4 MB)

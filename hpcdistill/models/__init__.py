@@ -26,8 +26,8 @@ from hpcdistill.imports import check_json_value, is_import_path, json_object, lo
 from hpcdistill.models import builtin
 from hpcdistill.models.builtin import ModelError
 
-__all__ = ["MODELS", "ModelEntry", "ModelError", "ModelSpec", "BUILTIN_FACTORIES", "build_from_record", "count_parameters",
-           "default_model", "manifest", "resolve_model", "spec_from_record"]
+__all__ = ["MODELS", "ModelEntry", "ModelError", "ModelSpec", "BUILTIN_FACTORIES", "build_from_record",
+           "count_parameters", "default_model", "manifest", "resolve_model", "spec_from_record"]
 
 # A record's num_classes and input size beyond these are not a model anyone trains here: a crafted file.
 MAX_INPUT_ELEMENTS = 2**28

@@ -31,14 +31,15 @@ import time
 import numpy as np
 import torch
 
-from hpcdistill.comm.rma import (MPI, ClockWindow, CounterWindow, ShardedVector, in_turn, polite_barrier,
-                                 polite_wait)
+from hpcdistill.comm.rma import MPI, ClockWindow, CounterWindow, ShardedVector, in_turn
+from hpcdistill.comm.wait import polite_barrier, polite_wait
+from hpcdistill.config import ASYNC_RULES
 from hpcdistill.log import get_logger
 
 log = get_logger("async")
 
 MEANSQ_EPS = 1e-7  # the authors' epsilon in lambda0 / sqrt(MeanSquare + eps)
-RULES = ("asgd", "dcasgd-c", "dcasgd-a")
+RULES = tuple(ASYNC_RULES)  # config.ASYNC_RULES is the table; dc_delta below implements each
 
 
 def dc_delta(g: np.ndarray, w_bak: np.ndarray, w_now: np.ndarray | None, *, rule: str, lr: float,
@@ -141,14 +142,14 @@ class AsyncUpdater:
     call serve() then close(); workers run the training loop with begin/step/agree/finish.
     """
 
-    synchronous = False  # evaluation and checkpoints: the lead worker alone, no collectives
+    eval_comm = None  # evaluation and checkpoints: the lead worker alone, no collectives
 
     def __init__(self, settings, topo, model, optimizer=None):
         self.s = settings
         self.topo = topo
         # The loop checkpoints `updater.optimizer`. DC-ASGD applies its own update (plain SGD plus the
         # compensation), so this optimizer is never stepped; it is kept so checkpoints have the same
-        # layout in every mode. DC-ASGD's own state (mean square, clocks, version) is extra_state().
+        # layout in every mode. DC-ASGD's own state (mean square, clocks, version) comes with checkpoint_view().
         self.optimizer = optimizer
         self.group_comm = gc = topo.group_comm
         self.hosts = sorted(settings.host_ranks)
@@ -165,6 +166,7 @@ class AsyncUpdater:
         self.comm = None if comm == MPI.COMM_NULL else comm
         self.num_workers = len(self.worker_ranks)
         self.index = self.comm.Get_rank() if self.comm is not None else -1  # worker index
+        self.writes = self.index == 0  # the lead worker evaluates, checkpoints and speaks
         self.rule = settings.async_rule
         self.lambda0 = 0.0 if self.rule == "asgd" else float(settings.lambda0)
         self.decay = float(settings.dc_meansq_decay)
@@ -208,7 +210,6 @@ class AsyncUpdater:
         self._last_lead = 0
         self._final_model = None
         self._final_state: dict = {}
-        self._held_snapshot = False   # extra_state() took the snapshot that current_model() returns next
         self._snap_counters = None    # (version, clocks) counted in the last snapshot
         self.final_version = None
         self.finished = self.closed = False
@@ -269,7 +270,6 @@ class AsyncUpdater:
         polite_barrier(self.comm)
         self.t_end = time.perf_counter()
         if self.index == 0:
-            self._held_snapshot = False
             model = copy.deepcopy(self.current_model(self._model))
             version, clocks = self._snap_counters
             self.final_version = version
@@ -400,13 +400,10 @@ class AsyncUpdater:
     def current_model(self, model):
         """A module holding a consistent snapshot of the group's global weights (exclusive locks on
         every host window, in rank order). After finish(): the final snapshot on the lead worker,
-        without touching the windows. Right after extra_state(): the snapshot extra_state() took."""
+        without touching the windows."""
         if self.finished:  # other workers hold no final copy: their last pulled weights (unused)
             return self._final_model if self._final_model is not None else model
-        if self._held_snapshot:
-            self._held_snapshot = False
-        else:
-            self._snapshot()
+        self._snapshot()
         return self._snap_model
 
     def _state(self, version: int, clocks: np.ndarray) -> dict:
@@ -415,20 +412,36 @@ class AsyncUpdater:
             out["async_meansq"] = self.meansq.copy()
         return out
 
-    def extra_state(self) -> dict:
-        """Lead worker, no collective: global version, every worker's clock, the lead's mean square.
-
-        For a checkpoint (the loop calls extra_state() then current_model()): this takes the snapshot
-        and the next current_model() returns that same snapshot, so the file's weights, version and
-        clocks describe one state: on resume no update is applied twice or lost. After finish(): the
-        final state (every worker done)."""
+    def checkpoint_view(self, model) -> tuple:
+        """(weights, extra arrays) of one snapshot, lead worker, no collective: the global weights with
+        the version, every worker's clock and the lead's mean square read under the same locks, so on
+        resume no update is applied twice or lost. After finish(): the final state."""
         if self.finished:
-            return dict(self._final_state)
+            return (self._final_model if self._final_model is not None else model), dict(self._final_state)
         if self.closed or self.comm is None:
-            return {}
+            return model, {}
         self._snapshot()
-        self._held_snapshot = True
-        return self._state(*self._snap_counters)
+        return self._snap_model, self._state(*self._snap_counters)
+
+    def gather_rngs(self, rng: np.ndarray) -> np.ndarray:
+        return rng[None]  # the writer's own stream: workers are not in step with each other
+
+    def diverged(self, model) -> bool:
+        return False  # workers go on; the lead's checkpoints skip NaN weights (docs/async.md)
+
+    def saves(self, step: int, final: bool) -> bool:
+        return self.writes and not final  # the final one after finish(), when every worker is done
+
+    def saves_after_finish(self, final: bool) -> bool:
+        return self.writes and final
+
+    @staticmethod
+    def pool(parts: list[dict]) -> dict:
+        """The summary's `async` section: one group's, or pooled over several (codistill GROUP_MODE=async)."""
+        parts = [p["async"] for p in parts if p and p.get("async")]
+        if not parts:
+            return {}
+        return {"async": parts[0] if len(parts) == 1 else pooled_summary(parts)}
 
     def summary(self) -> dict:
         """Collective in the workers' comm: staleness over every worker's updates."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 
+import numpy as np
 import torch
 from mpi4py import MPI
 
@@ -16,12 +17,12 @@ class SyncUpdater:
     """
 
     is_host = False
-    synchronous = True  # checkpoints and evaluations are collective in `comm`
 
     def __init__(self, topo, model, optimizer):
         import horovod.torch as hvd
 
-        self.comm = topo.group_comm
+        self.comm = self.eval_comm = topo.group_comm  # evaluation and checkpoints are collective in it
+        self.writes = self.comm.Get_rank() == 0
         self.optimizer = hvd.DistributedOptimizer(
             optimizer, named_parameters=model.named_parameters(), process_set=topo.process_set)
         self.wait_seconds = 0.0
@@ -62,8 +63,31 @@ class SyncUpdater:
                 offset += b.numel()
 
     def current_model(self, model):
-        """The weights to evaluate, checkpoint and publish: the local replica is the group's model."""
+        """The weights to evaluate and publish: the local replica is the group's model."""
         return model
+
+    def checkpoint_view(self, model) -> tuple:
+        return model, {}
+
+    def gather_rngs(self, rng: np.ndarray) -> np.ndarray | None:
+        """Every rank's RNG state on the writer (collective): a resume restores each rank's stream."""
+        rngs = np.empty((self.comm.Get_size(), rng.size), np.uint8) if self.writes else None
+        self.comm.Gather(rng, rngs, root=0)
+        return rngs
+
+    def diverged(self, model) -> bool:
+        """NaN/inf weights; every rank holds the same, so all of them stop at the same step."""
+        return not all(bool(torch.isfinite(p).all()) for p in model.parameters())
+
+    def saves(self, step: int, final: bool) -> bool:
+        return True  # collective: every rank takes part, the writer writes
+
+    def saves_after_finish(self, final: bool) -> bool:
+        return False
+
+    @staticmethod
+    def pool(parts: list[dict]) -> dict:
+        return {}
 
     def step_metrics(self) -> dict:
         return {}
@@ -71,9 +95,6 @@ class SyncUpdater:
     def agree(self, flag: bool) -> bool:
         """True on every rank of the group if any rank wants to stop (a signal reached it)."""
         return bool(self.comm.allreduce(int(flag), op=MPI.MAX))
-
-    def extra_state(self) -> dict:
-        return {}
 
     def load_extra_state(self, arrays: dict) -> None:
         pass

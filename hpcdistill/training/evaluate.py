@@ -34,7 +34,8 @@ def evaluate(model, dataset, *, batch_size: int, device, comm=None, workers: int
 
 
 @torch.no_grad()
-def predict_probs(model, dataset, *, batch_size: int, device, limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+def predict_probs(model, dataset, *, batch_size: int, device,
+                  limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Softmax outputs and labels over the first `limit` samples of a split (flattened per token)."""
     was_training = model.training
     model.eval()
@@ -45,18 +46,3 @@ def predict_probs(model, dataset, *, batch_size: int, device, limit: int | None 
         labels.append(target.cpu().numpy())
     model.train(was_training)
     return np.concatenate(probs), np.concatenate(labels)
-
-
-def ensemble_accuracy(probs: list[np.ndarray], labels: np.ndarray) -> float:
-    """Accuracy of the averaged predicted distributions of several models."""
-    return float((np.mean(probs, axis=0).argmax(-1) == labels).mean())
-
-
-def churn(probs_a: np.ndarray, probs_b: np.ndarray) -> float:
-    """Fraction of inputs on which two models' top predictions differ (Anil et al. 2018, 3.5)."""
-    return float((probs_a.argmax(-1) != probs_b.argmax(-1)).mean())
-
-
-def mean_pairwise_churn(probs: list[np.ndarray]) -> float:
-    pairs = [(i, j) for i in range(len(probs)) for j in range(i + 1, len(probs))]
-    return float(np.mean([churn(probs[i], probs[j]) for i, j in pairs])) if pairs else 0.0

@@ -15,11 +15,12 @@ from hpcdistill import losses
 
 
 class Objective:
-    def __init__(self, settings, num_classes: int, teachers=None):
-        self.s, self.num_classes, self.teachers = settings, num_classes, teachers
-        self.kind = {"sync": "task", "async": "task", "distill": "distill"}.get(settings.mode, "codistill")
-        if self.kind == "codistill" and settings.codistill_target == "label-smoothing":
-            self.kind = "label-smoothing"
+    KINDS = ("task", "codistill", "label-smoothing", "distill")
+
+    def __init__(self, settings, num_classes: int, teachers=None, *, kind: str = "task"):
+        if kind not in self.KINDS:
+            raise ValueError(f"objective kind {kind!r} is not one of {self.KINDS}")
+        self.s, self.num_classes, self.teachers, self.kind = settings, num_classes, teachers, kind
 
     def alpha(self, step: int) -> float:
         if self.kind in ("codistill", "label-smoothing") and step < self.s.burn_in:

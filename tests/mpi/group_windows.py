@@ -7,7 +7,8 @@ import sys
 
 import numpy as np
 
-from hpcdistill.comm.rma import MPI, ShardedVector, in_turn, polite_barrier
+from hpcdistill.comm.rma import MPI, ShardedVector, in_turn
+from hpcdistill.comm.wait import polite_barrier
 
 world = MPI.COMM_WORLD
 group = world.Get_rank() // 3
