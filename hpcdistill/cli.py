@@ -117,6 +117,12 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_status(args) -> int:
+    from hpcdistill.status import status
+
+    return status(Path(args.exchange_dir))
+
+
 def cmd_doctor(args) -> int:
     from hpcdistill.doctor import run_doctor
 
@@ -176,6 +182,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--format", choices=("safetensors", "torch"), default="safetensors")
     e.add_argument("--out", default=None, help="output file (one checkpoint) or directory (default: beside it)")
     e.set_defaults(func=cmd_export)
+
+    st = sub.add_parser("status", help="each codistilling group's newest step, staleness and state, from an exchange "
+                                       "directory (exit 0 when every group has finished)")
+    st.add_argument("exchange_dir")
+    st.set_defaults(func=cmd_status)
 
     t = sub.add_parser("train", help="the batch job (under mpirun or srun); HPCDISTILL_MODE picks the mode")
     t.set_defaults(func=cmd_train)

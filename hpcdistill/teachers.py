@@ -33,6 +33,7 @@ from hpcdistill.models import (
     sized_manifest,
     spec_from_record,
 )
+from hpcdistill.status import group_states
 
 log = get_logger("teachers")
 
@@ -364,21 +365,31 @@ class PeerTeachers(_CodistillSection, _Teachers):
 
 def teacher_candidates(paths) -> list[list[Path]]:
     """One list of candidate files per teacher, newest first: a file as given is its own single
-    candidate; a run directory stands for each of its groups' checkpoints (the newest that passes
-    the checks is used). Nothing is read here: a run directory is as untrusted as any file."""
+    candidate; a run directory stands for each of its groups' checkpoints, an exchange directory for
+    each group's exchange files (the newest that passes the checks is used). Only metadata is read
+    here (status of an exchange directory): a directory is as untrusted as any file."""
     out = []
     for p in map(Path, paths):
         if not p.is_dir():
             out.append([p])
             continue
-        ckdir = p / "checkpoints"
-        dirs = sorted(ckdir.glob("group-*")) or [ckdir]
+        if (p / "checkpoints").is_dir():
+            ckdir = p / "checkpoints"
+            dirs = sorted(ckdir.glob("group-*")) or [ckdir]
+        else:  # an exchange directory: every group's newest (final) exchange file
+            ckdir = p
+            dirs = sorted(d for d in p.glob("group-*") if d.is_dir() and not d.is_symlink())
         groups = [CheckpointManager(d).paths() for d in dirs]
         groups = [g for g in groups if g]
         if not groups:
             raise TeacherError(f"HPCDISTILL_TEACHERS: no checkpoint under {ckdir}; point at a finished run "
-                               "directory or at .h5 files")
-        if not (p / "summary.json").exists():
+                               "directory, an exchange directory or .h5 files")
+        if ckdir is p:
+            unfinished = [s["group"] for s in group_states(p) if not s["final"]]
+            if unfinished:
+                log.warning("HPCDISTILL_TEACHERS: in %s, group(s) %s have not published a final checkpoint; "
+                            "using their newest", p, unfinished)
+        elif not (p / "summary.json").exists():
             log.warning("HPCDISTILL_TEACHERS: %s has no summary.json (unfinished or stopped); using its newest "
                         "checkpoints", p)
         out.extend(groups)

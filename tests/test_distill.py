@@ -64,3 +64,40 @@ def test_a_teacher_for_another_dataset_is_refused_before_training(tmp_path, data
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "teacher was trained for num_classes 5, this dataset has 10" in proc.stderr
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_teachers_from_an_exchange_directory_and_its_status(tmp_path, data_dir, teacher_run):
+    """`hpcdistill status` lists each group's newest step and state from the exchange files alone, and
+    HPCDISTILL_TEACHERS=<exchange dir> distills from every group's final exchange file."""
+    import json
+    import shutil
+    import subprocess
+
+    from hpcdistill.launch import HPCDISTILL, job_env
+
+    exchange = teacher_run / "exchange"
+    proc = subprocess.run([HPCDISTILL, "status", str(exchange)], env=job_env(), capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0 and "2 of 2 group(s) finished" in proc.stdout, proc.stdout + proc.stderr
+    assert proc.stdout.count("| final ") == 2
+
+    train(2, tmp_path / "student", mode="distill", teachers=exchange, data_dir=data_dir, model="mlp-small", steps=50)
+    info = summary(tmp_path / "student")["distill"]
+    assert [p.rsplit("/", 2)[-2:] for p in info["teachers"]] == [["group-0", "step-00000300.h5"],
+                                                                ["group-1", "step-00000300.h5"]]
+    members = [g["test_accuracy"] for g in summary(teacher_run)["groups"]]
+    assert info["teacher_member_test_accuracy"] == members  # the final exchange files are the final models
+
+    # a group that stopped before the end: its newest file is not final, and it says why
+    copy = tmp_path / "exchange"
+    shutil.copytree(exchange, copy)
+    newest = sorted((copy / "group-1").glob("step-*.h5"))
+    newest[-1].unlink()
+    (copy / "group-1" / "gone.json").write_text(json.dumps({"reason": "stopped by SIGUSR2 at step 200"}))
+    proc = subprocess.run([HPCDISTILL, "status", str(copy)], env=job_env(), capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 1 and "1 of 2 group(s) finished" in proc.stdout, proc.stdout
+    assert "left: stopped by SIGUSR2 at step 200" in proc.stdout
+    proc = subprocess.run([HPCDISTILL, "status", str(tmp_path)], env=job_env(), capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2 and "not an exchange directory" in proc.stderr

@@ -159,7 +159,7 @@ METADATA_SECONDS = 10.0       # ... and its metadata alone (a checkpoint has a f
 MAX_OBJECTS = 50_000          # groups and datasets: a model of 10,000 tensors with Adam state has ~30,000
 
 
-def _read(path: Path, verify: bool, check, keep) -> tuple[dict, dict]:
+def _read(path: Path, verify: bool, check, keep, meta_only: bool = False) -> tuple[dict, dict]:
     st = os.stat(path)
     if not stat.S_ISREG(st.st_mode):  # opening a FIFO or a device would block or never end
         raise CheckpointError(path, "not a regular file", "not-a-file")
@@ -237,6 +237,8 @@ def _read(path: Path, verify: bool, check, keep) -> tuple[dict, dict]:
             raise CheckpointError(path, "wrong format: the manifest in meta does not match the file's datasets")
         if check is not None:
             check(meta, declared_layout)
+        if meta_only:
+            return {}, meta
         # Then the data: every dataset hashed in blocks, only the kept ones held in memory.
         h = hashlib.sha256()
         arrays = {}
@@ -310,6 +312,18 @@ def read_h5(path, *, verify: bool = True, check=None, keep=None) -> tuple[dict, 
         raise CheckpointError(path, f"unreadable ({type(e).__name__}: {e})",
                               "io" if transient else "unreadable") from None
     except Exception as e:  # noqa: BLE001 - a damaged file may surface as any error inside h5py/HDF5
+        raise CheckpointError(path, f"unreadable ({type(e).__name__}: {e})", "unreadable") from None
+
+
+def read_meta(path) -> dict:
+    """A checkpoint's meta after the same schema checks as read_h5, reading no tensor data (and so
+    verifying no checksum): for listings such as `hpcdistill status`. CheckpointError if refused."""
+    path = Path(path)
+    try:
+        return _read(path, False, None, None, meta_only=True)[1]
+    except CheckpointError:
+        raise
+    except Exception as e:  # noqa: BLE001 - as read_h5
         raise CheckpointError(path, f"unreadable ({type(e).__name__}: {e})", "unreadable") from None
 
 
