@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from .atomic import atomic_path
-from .checkpoints import CheckpointError, CheckpointManager, capture, numbered_files, read_h5
+from .checkpoints import CheckpointError, CheckpointManager, capture, model_part, numbered_files, read_h5
 from .models import diff_manifests
 
 
@@ -56,7 +56,7 @@ def _same_model(path: Path, expect: dict | None):
         return None
 
     def check(meta: dict, layout: dict) -> None:
-        have = {k.removeprefix("model/"): v for k, v in layout.items() if k.startswith("model/")}
+        have = model_part(layout)
         others = sorted(k for k in layout if not k.startswith("model/"))
         if others:
             raise CheckpointError(path, f"wrong format: an exchange file holds model tensors only, not {others[:3]}")

@@ -18,7 +18,7 @@ from typing import Callable, Protocol
 import numpy as np
 import torch
 
-from hpcdistill.checkpoints import CheckpointError, CheckpointManager, model_arrays, read_h5
+from hpcdistill.checkpoints import CheckpointError, CheckpointManager, model_arrays, model_part, read_h5
 from hpcdistill.comm.broadcast import bcast_tree
 from hpcdistill.ensemble import ensemble_accuracy, mean_pairwise_churn
 from hpcdistill.exchange import Exchange
@@ -32,6 +32,7 @@ from hpcdistill.models import (
     resolve_model,
     sized_manifest,
     spec_from_record,
+    state_manifest,
 )
 from hpcdistill.status import group_states
 
@@ -51,10 +52,6 @@ def _frozen(model: torch.nn.Module, state: dict, device) -> torch.nn.Module:
     return model.to(device).eval().requires_grad_(False)
 
 
-def _model_part(layout: dict) -> dict:
-    return {k.removeprefix("model/"): v for k, v in layout.items() if k.startswith("model/")}
-
-
 def _read_teacher(path: Path, factories: dict[str, str]) -> tuple[dict, dict]:
     """Read an hpcdistill checkpoint as a teacher: its model record must name a factory the job allows,
     and the model that factory builds with the recorded args (sized on the meta device) must match the
@@ -67,7 +64,7 @@ def _read_teacher(path: Path, factories: dict[str, str]) -> tuple[dict, dict]:
             want = sized_manifest(spec, shape, classes)
         except ModelError as exc:
             raise CheckpointError(path, str(exc).removeprefix(f"{path}: ")) from None
-        problem = diff_manifests(_model_part(layout), want, "the file", f"the model {spec.name} builds")
+        problem = diff_manifests(model_part(layout), want, "the file", f"the model {spec.name} builds")
         if problem:
             raise CheckpointError(path, f"its tensors do not match its model record: {problem}")
 
@@ -443,7 +440,7 @@ def _read_external(path: Path, spec: ModelSpec, student: dict) -> dict:
             and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items())):
         raise TeacherError(f"{path}: holds a {type(state).__name__}, not a state_dict of tensors; save "
                            "model.state_dict() (or use `hpcdistill export`)")
-    problem = diff_manifests(manifest_of(state), want, "the file", f"the model {spec.name} builds")
+    problem = diff_manifests(state_manifest(state), want, "the file", f"the model {spec.name} builds")
     if problem:
         raise TeacherError(f"{path}: does not fit the teacher model: {problem}; set HPCDISTILL_TEACHER_MODEL "
                            "and HPCDISTILL_TEACHER_MODEL_ARGS to the model these weights were trained with")
@@ -454,10 +451,6 @@ def _st_dtype(name: str) -> str:
     """safetensors' dtype names (F32, BF16, I64 ...) as torch's ("float32" ...)."""
     return {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
             "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}.get(name, name)
-
-
-def manifest_of(state: dict) -> dict:
-    return {k: [list(v.shape), str(v.dtype).removeprefix("torch.")] for k, v in state.items()}
 
 
 def _load_teacher(f: Path, factories: dict, teacher: ModelSpec, student_arch: dict) -> tuple[dict, dict]:

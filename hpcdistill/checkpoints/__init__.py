@@ -2,7 +2,7 @@
 
 from .h5io import CheckpointError, read_h5, read_meta, to_tensor, verify_h5, write_h5
 from .manager import CheckpointManager, numbered_files
-from .state import capture, model_arrays, restore
+from .state import capture, model_arrays, model_part, restore
 
-__all__ = ["CheckpointError", "CheckpointManager", "capture", "model_arrays", "numbered_files", "read_h5", "read_meta",
-           "restore", "to_tensor", "verify_h5", "write_h5"]
+__all__ = ["CheckpointError", "CheckpointManager", "capture", "model_arrays", "model_part", "numbered_files",
+           "read_h5", "read_meta", "restore", "to_tensor", "verify_h5", "write_h5"]

@@ -70,9 +70,14 @@ def _dtype_name(value) -> str:
     return layout_dtype(np.asarray(value).dtype, None)
 
 
+def model_part(entries: dict) -> dict:
+    """The model/... entries of a checkpoint's arrays or layout, keyed as in the model's state_dict."""
+    return {k.removeprefix("model/"): v for k, v in entries.items() if k.startswith("model/")}
+
+
 def model_arrays(arrays: dict) -> dict[str, torch.Tensor]:
     """The model/... part of a checkpoint as a state_dict."""
-    return {k.removeprefix("model/"): to_tensor(v) for k, v in arrays.items() if k.startswith("model/")}
+    return {k: to_tensor(v) for k, v in model_part(arrays).items()}
 
 
 def _check_model(sd: dict, model) -> None:

@@ -190,7 +190,17 @@ def build_from_record(record, *, factories: dict[str, str] | None = None, where:
 
 def manifest(model: nn.Module) -> dict[str, list]:
     """{state_dict key: [shape, dtype]} of every tensor of the model (parameters and buffers)."""
-    return {k: [list(v.shape), str(v.dtype).removeprefix("torch.")] for k, v in model.state_dict().items()}
+    return state_manifest(model.state_dict())
+
+
+def state_manifest(state: dict) -> dict[str, list]:
+    """{key: [shape, dtype]} of a state_dict's tensors."""
+    return {k: [list(v.shape), str(v.dtype).removeprefix("torch.")] for k, v in state.items()}
+
+
+def all_finite(model: nn.Module) -> bool:
+    """No NaN/inf in the parameters (a diverged model)."""
+    return all(bool(torch.isfinite(p).all()) for p in model.parameters())
 
 
 def sized_manifest(spec: ModelSpec, input_shape, num_classes: int) -> dict[str, list]:
@@ -215,9 +225,6 @@ def diff_manifests(have: dict, want: dict, have_name: str, want_name: str) -> st
         return None
     return "; ".join(problems[:6]) + (f"; ... {len(problems) - 6} more" if len(problems) > 6 else "")
 
-
-def manifest_elements(m: dict) -> int:
-    return sum(math.prod(shape) for shape, _ in m.values())
 
 
 def count_parameters(model: nn.Module) -> int:

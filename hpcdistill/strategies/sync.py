@@ -8,6 +8,8 @@ import numpy as np
 import torch
 from mpi4py import MPI
 
+from hpcdistill.models import all_finite
+
 
 class SyncUpdater:
     """Gradients are averaged across the group by Horovod during backward; every rank steps alike.
@@ -77,7 +79,7 @@ class SyncUpdater:
 
     def diverged(self, model) -> bool:
         """NaN/inf weights; every rank holds the same, so all of them stop at the same step."""
-        return not all(bool(torch.isfinite(p).all()) for p in model.parameters())
+        return not all_finite(model)
 
     def saves(self, step: int, final: bool) -> bool:
         return True  # collective: every rank takes part, the writer writes

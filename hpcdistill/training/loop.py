@@ -29,7 +29,7 @@ from hpcdistill.config import ConfigError, default_lr, settings_env
 from hpcdistill.data import DataError, TrainStream, open_source
 from hpcdistill.log import Progress, get_logger, setup_logging
 from hpcdistill.metrics import MetricsWriter, checkpoint_dir, metrics_path, write_json_atomic
-from hpcdistill.models import resolve_model
+from hpcdistill.models import all_finite, resolve_model
 from hpcdistill.summary import RunSummary
 from hpcdistill.training import compose
 from hpcdistill.training import evaluate as ev
@@ -124,10 +124,6 @@ def _dataset_checked_once(settings, world):
     return source or open_source(settings.dataset, settings.data_dir, settings.dataset_args)
 
 
-def _finite(model: torch.nn.Module) -> bool:
-    return all(bool(torch.isfinite(p).all()) for p in model.parameters())
-
-
 class Trainer:
     """State of one rank's run; `run()` is the loop."""
 
@@ -210,7 +206,7 @@ class Trainer:
         if not self.speaker:
             return
         model, extra = self.updater.checkpoint_view(self.model)
-        if not _finite(model):  # a diverged model must not push a good checkpoint out of the rotation
+        if not all_finite(model):  # a diverged model must not push a good checkpoint out of the rotation
             log.error("not writing the checkpoint of step %d: the weights hold NaN/inf (training diverged); "
                       "the older checkpoints are kept", step)
             return
