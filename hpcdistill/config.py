@@ -51,6 +51,24 @@ def split_list(text: str | None) -> list[str]:
     return [t.strip() for t in re.split(r"[,:]", text or "") if t.strip()]
 
 
+def model_list(text: str) -> list[str]:
+    """The entries of HPCDISTILL_GROUP_MODELS. Separated by ',' when the value has one; otherwise by ':',
+    where an import path's own ':' joins a module path to the callable after it: "mlp:pkg.mod:make:cnn"
+    is [mlp, pkg.mod:make, cnn] (an entry with a '.' is a module path, which needs its callable)."""
+    if "," in text:
+        return [t.strip() for t in text.split(",") if t.strip()]
+    tokens, out = [t.strip() for t in text.split(":") if t.strip()], []
+    while tokens:
+        head = tokens.pop(0)
+        if "." in head:
+            if not tokens:
+                raise ValueError(f"{head!r} looks like a module path but no ':callable' follows it; write "
+                                 "package.module:callable")
+            head = f"{head}:{tokens.pop(0)}"
+        out.append(head)
+    return out
+
+
 def _ranks(text: str) -> tuple[int, ...]:
     items = split_list(text)
     if not items or not all(_ascii_digits(t) for t in items):
@@ -120,6 +138,19 @@ class Settings(BaseSettings):
     stale_wait: float = Field(
         60.0, gt=0, le=3600, description="seconds a group waits for a peer's fresh teacher under STALE_POLICY=wait "
                                          "(well below the templates' 300 s USR2 lead; a stop signal cuts it short)")
+    group_offset: Optional[int] = Field(
+        None, ge=0, description="the first group this job trains, when the groups of one codistillation run as "
+                                "separate jobs (GROUPS = the codistillation's total; needs a shared EXCHANGE_DIR "
+                                "and EXCHANGE_ID)")
+    local_groups: Optional[int] = Field(
+        None, gt=0, description="how many groups this job trains (GROUP_OFFSET .. GROUP_OFFSET+LOCAL_GROUPS-1; the "
+                                "job's ranks split evenly among them); default 1 when GROUP_OFFSET is set, else GROUPS")
+    group_models: Optional[str] = Field(
+        None, description="one model per group, separated by ':' or ',' (built-in names or package.module:callable), "
+                          "e.g. mlp:cnn-small; MODEL_ARGS applies to the groups whose entry is MODEL")
+    peers: Optional[int] = Field(
+        None, gt=0, description="k: how many peers each group distills from, chosen per exchange (seeded, rotating "
+                                "so that every peer takes its turn); default all GROUPS-1")
     exchange_id: Optional[str] = Field(
         None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$",
         description="the id shared by the jobs of one codistillation; exchange files and claims of another id are "
@@ -214,12 +245,79 @@ class Settings(BaseSettings):
                 "least EXCHANGE_EVERY or use STALE_POLICY=drop")
         if self.groups is not None and self.groups > 1 and self.mode != "codistill":
             raise ValueError(f"HPCDISTILL_GROUPS={self.groups}: several groups exist only in codistill mode")
+        self._check_groups()
         return self
+
+    def _check_groups(self) -> None:
+        """GROUP_OFFSET, LOCAL_GROUPS, GROUP_MODELS and PEERS against GROUPS (codistill only)."""
+        named = [n for n in ("group_offset", "local_groups", "group_models", "peers") if getattr(self, n) is not None]
+        if named and self.mode != "codistill":
+            raise ValueError(", ".join(f"HPCDISTILL_{n.upper()}={getattr(self, n)!r}" for n in named) +
+                             f": codistill settings, but HPCDISTILL_MODE={self.mode}; set HPCDISTILL_MODE=codistill "
+                             "or unset them")
+        total, first, local = self.num_groups, self.first_group, self.local_group_count
+        if first + local > total:
+            raise ValueError(
+                f"HPCDISTILL_GROUP_OFFSET={first} with HPCDISTILL_LOCAL_GROUPS={local}: groups {first}.."
+                f"{first + local - 1} do not exist in a codistillation of HPCDISTILL_GROUPS={total} (groups 0.."
+                f"{total - 1}); lower the offset or raise GROUPS to the codistillation's total")
+        if self.spans_jobs and (self.exchange_dir is None or self.exchange_id is None):
+            missing = " and ".join(v for v, x in (("HPCDISTILL_EXCHANGE_DIR", self.exchange_dir),
+                                                   ("HPCDISTILL_EXCHANGE_ID", self.exchange_id)) if x is None)
+            raise ValueError(
+                f"this job trains groups {first}..{first + local - 1} of {total} (a codistillation spanning jobs) "
+                f"but {missing} is unset: every job of it must name the same shared HPCDISTILL_EXCHANGE_DIR and "
+                "HPCDISTILL_EXCHANGE_ID (e.g. HPCDISTILL_EXCHANGE_ID=myrun-1), or files would never be shared")
+        if self.group_models is not None:
+            try:
+                models = model_list(self.group_models)
+            except ValueError as exc:
+                raise ValueError(f"HPCDISTILL_GROUP_MODELS={self.group_models!r}: {exc}") from None
+            if len(models) != total:
+                raise ValueError(f"HPCDISTILL_GROUP_MODELS={self.group_models!r}: {len(models)} model(s) {models} for "
+                                 f"HPCDISTILL_GROUPS={total} groups; give one per group, separated by ':' or ','")
+            if self.model_args is not None and self.model not in models:
+                raise ValueError(f"HPCDISTILL_MODEL_ARGS is set but HPCDISTILL_MODEL={self.model!r} is none of "
+                                 f"HPCDISTILL_GROUP_MODELS {models}: the args apply to the groups whose entry is "
+                                 "HPCDISTILL_MODEL; set MODEL to that entry")
+        if self.peers is not None and self.peers > total - 1:
+            raise ValueError(f"HPCDISTILL_PEERS={self.peers}: a group of a codistillation of HPCDISTILL_GROUPS={total} "
+                             f"has {total - 1} peer(s); use at most {total - 1} (unset: all)")
 
     # Derived values: defaults that depend on other settings.
     @property
     def num_groups(self) -> int:
         return self.groups if self.groups is not None else (2 if self.mode == "codistill" else 1)
+
+    @property
+    def first_group(self) -> int:
+        """The first group this job trains (GROUP_OFFSET; 0 when the job trains them all)."""
+        return self.group_offset or 0
+
+    @property
+    def local_group_count(self) -> int:
+        """How many groups this job trains: LOCAL_GROUPS, else 1 with an offset, else all."""
+        if self.local_groups is not None:
+            return self.local_groups
+        return 1 if self.group_offset is not None else self.num_groups
+
+    @property
+    def spans_jobs(self) -> bool:
+        """This job trains some of the codistillation's groups; other jobs train the rest."""
+        return self.local_group_count < self.num_groups
+
+    @property
+    def num_peers(self) -> int:
+        """k, the peers each group distills from (PEERS, default every other group)."""
+        return self.peers if self.peers is not None else max(0, self.num_groups - 1)
+
+    def model_for_group(self, group: int) -> tuple[str | None, str | None]:
+        """(model name, its args JSON) that `group` trains: its GROUP_MODELS entry (MODEL_ARGS only where
+        that entry is MODEL), else MODEL and MODEL_ARGS."""
+        if self.group_models is None:
+            return self.model, self.model_args
+        name = model_list(self.group_models)[group]
+        return name, self.model_args if name == self.model else None
 
     @property
     def uses_async(self) -> bool:
@@ -245,11 +343,13 @@ class Settings(BaseSettings):
 
     def check_world(self, world_size: int) -> None:
         """Cross-checks that need the world size (known from the launcher before MPI starts)."""
-        groups = self.num_groups
+        groups = self.local_group_count
         if world_size % groups:
+            what = (f"HPCDISTILL_LOCAL_GROUPS={groups} (the groups this job trains)" if self.spans_jobs
+                    else f"HPCDISTILL_GROUPS={groups}")
             raise ConfigError(
-                f"HPCDISTILL_GROUPS={groups}: the world size {world_size} is not divisible by it; "
-                f"use a number of ranks that is a multiple of {groups} or change HPCDISTILL_GROUPS")
+                f"{what}: the world size {world_size} is not divisible by it; "
+                f"use a number of ranks that is a multiple of {groups} or change the setting")
         if self.uses_async:
             per_group = world_size // groups
             bad = [r for r in self.host_ranks if r >= per_group]
@@ -345,6 +445,10 @@ def computed_defaults(settings: Settings, kind: str | None = None) -> dict[str, 
     out: dict[str, object] = {}
     if settings.groups is None:
         out["groups"] = settings.num_groups
+    if settings.local_groups is None and settings.mode == "codistill":
+        out["local_groups"] = settings.local_group_count
+    if settings.peers is None and settings.mode == "codistill":
+        out["peers"] = settings.num_peers
     if settings.dc_lambda is None:
         out["dc_lambda"] = settings.lambda0
     if settings.model is None and kind is not None:

@@ -24,7 +24,8 @@ import torch
 
 from .atomic import atomic_path
 from .checkpoints import CheckpointError, CheckpointManager, capture, model_part, numbered_files, read_h5
-from .models import diff_manifests
+from .claims import GROUP_CLAIM, claim_dead
+from .models import ModelError, diff_manifests
 
 
 @dataclass
@@ -49,9 +50,12 @@ def _non_finite_key(arrays: dict) -> str | None:
     return None
 
 
-def _same_model(path: Path, expect: dict | None):
-    """A read_h5 check: the file holds exactly the tensors of the model this group trains (names,
-    shapes, dtypes) and nothing else, known before any data is read; None checks nothing."""
+def _same_model(path: Path, expect):
+    """A read_h5 check: the file's model record is one the reader accepts for that peer, and the file
+    holds exactly the tensors of the model it describes (names, shapes, dtypes) and nothing else,
+    known before any data is read. `expect(meta)` gives that model's manifest (None: not compared), or raises
+    ModelError for a record the reader does not accept (refused with code "architecture"); None checks
+    nothing."""
     if expect is None:
         return None
 
@@ -60,10 +64,26 @@ def _same_model(path: Path, expect: dict | None):
         others = sorted(k for k in layout if not k.startswith("model/"))
         if others:
             raise CheckpointError(path, f"wrong format: an exchange file holds model tensors only, not {others[:3]}")
-        if have != expect:
-            problem = diff_manifests(have, expect, "the file", "this group's model")
+        try:
+            want = expect(meta)
+        except ModelError as exc:
+            raise CheckpointError(path, str(exc), "architecture") from None
+        if want is not None and have != want:
+            problem = diff_manifests(have, want, "the file", "the model its record describes")
             raise CheckpointError(path, f"another architecture: {problem}", "architecture")
     return check
+
+
+def expect_record(record: dict, manifest: dict | None = None):
+    """An `expect` for Exchange.freshest: the file's model record is `record` (as stored) and its
+    tensors are `manifest` (None: not compared)."""
+    expected = json.loads(json.dumps(record))  # as stored: tuples become lists
+
+    def expect(meta: dict) -> dict | None:
+        if meta.get("arch") != expected:
+            raise ModelError(f"architecture {meta.get('arch')} but expected {expected}")
+        return manifest
+    return expect
 
 
 GONE = "gone.json"  # in a group's directory: that group stopped early and publishes nothing more
@@ -83,6 +103,7 @@ class Exchange:
         self.divergence_ratio = divergence_ratio
         self._own = CheckpointManager(self._group_dir(group), keep=keep)
         self._rejected: dict[int, dict[Path, tuple]] = {}  # peer -> {path: (inode, mtime_ns, size)}
+        self.bytes_read = 0  # of peer files opened (a refused file counts: the filesystem served it)
 
     def _group_dir(self, group: int) -> Path:
         return self.directory / f"group-{group}"
@@ -113,10 +134,21 @@ class Exchange:
         files = numbered_files(self._group_dir(peer))
         return files[0][0] if files else None
 
-    def gone(self, peer: int) -> bool:
-        return (self._group_dir(peer) / GONE).exists()
+    def gone(self, peer: int) -> str | None:
+        """Why nothing fresh will come from `peer` soon, or None: it marked itself gone (diverged, or
+        stopped to resume later), the job training it is dead (its group claim has no heartbeat), or
+        it has not started (no claim, no file: a late group does not hold the others back)."""
+        gdir = self._group_dir(peer)
+        if (gdir / GONE).exists():
+            return "it left (gone.json)"
+        dead = claim_dead(gdir / GROUP_CLAIM)
+        if dead:
+            return f"the job training it is gone ({dead})"
+        if not (gdir / GROUP_CLAIM).exists() and self.newest_step(peer) is None:
+            return "it has not started"
+        return None
 
-    def _problem(self, peer: int, step: int, arrays: dict, meta: dict, expect_arch: dict) -> tuple[str, str] | None:
+    def _problem(self, peer: int, step: int, arrays: dict, meta: dict) -> tuple[str, str] | None:
         """(code, reason) why a verified file must not be used as a teacher, or None. The metadata is
         the file's own word: any type is possible, and a wrong one is a refusal, not a crash."""
         if self.exchange_id is not None and meta.get("exchange_id") != self.exchange_id:
@@ -126,9 +158,6 @@ class Exchange:
             return "mismatch", f"group mismatch: file says group {meta.get('group')!r}, found in group-{peer}"
         if meta.get("step") != step:
             return "mismatch", f"step mismatch: file name says {step}, meta says {meta.get('step')!r}"
-        expected = json.loads(json.dumps(expect_arch))  # compare as stored: tuples become lists
-        if meta.get("arch") != expected:
-            return "architecture", f"architecture {meta.get('arch')} but expected {expected}"
         bad_key = _non_finite_key(arrays)
         if bad_key is not None:
             return "non-finite", f"non-finite (NaN/inf) weights in {bad_key}"
@@ -149,11 +178,13 @@ class Exchange:
                                 f"initial_loss {initial:.4g}")
         return None
 
-    def freshest(self, peer: int, *, expect_arch: dict, expect_manifest: dict | None = None,
-                 min_step: int | None = None,
+    def freshest(self, peer: int, *, expect=None, min_step: int | None = None,
                  exclude_path_steps: set | None = None
                  ) -> tuple[PeerCheckpoint | None, list[tuple[Path, str]]]:
         """The newest usable checkpoint of `peer`, and the files refused on the way as [(path, code, reason)].
+
+        `expect(meta)` accepts the file's model record (returning the manifest of the model it
+        describes) or refuses it (CheckpointError); see _same_model. `bytes_read` counts the files read.
 
         Files with step < min_step are not read (pass the step of the teacher in hand + 1 to read only
         newer ones). Files whose step or path is in `exclude_path_steps` are skipped. A refused file
@@ -181,8 +212,9 @@ class Exchange:
                 code, reason = "symlink", "a symbolic link (the exchange directory holds files only)"
             else:
                 try:
-                    arrays, meta = read_h5(path, check=_same_model(path, expect_manifest))
-                    problem = self._problem(peer, step, arrays, meta, expect_arch)
+                    self.bytes_read += st.st_size
+                    arrays, meta = read_h5(path, check=_same_model(path, expect))
+                    problem = self._problem(peer, step, arrays, meta)
                 except CheckpointError as e:
                     if not os.path.exists(path):  # deleted by the writer's rotation meanwhile
                         continue

@@ -31,8 +31,20 @@ def check_code(settings, *, need_data: bool = True) -> str | None:
         if need_data or ":" in settings.dataset:
             raise
         source = None
-    spec = resolve_model(settings.model, settings.model_args, kind=source.kind if source else None) \
-        if source or settings.model else None
+    kind = source.kind if source else None
+    if settings.group_models:  # every group's model must resolve; this job's groups' are built and tried
+        from hpcdistill.training.compose import group_spec
+
+        first = settings.first_group
+        for g in range(settings.num_groups):
+            spec = group_spec(settings, g, kind)
+            if source is not None:
+                sized_manifest(spec, source.input_shape, source.num_classes)
+                if first <= g < first + settings.local_group_count:
+                    check_output(spec.name, spec.build(source.input_shape, source.num_classes), source)
+        spec = None
+    else:
+        spec = resolve_model(settings.model, settings.model_args, kind=kind) if source or settings.model else None
     if source is not None and spec is not None:
         if settings.mode in ("codistill", "distill"):  # peers and teachers are sized on the meta device
             sized_manifest(spec, source.input_shape, source.num_classes)

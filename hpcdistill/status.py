@@ -1,8 +1,9 @@
 """`hpcdistill status EXCHANGE_DIR`: where each group of a codistillation stands, from its files alone.
 
 For every `group-<g>/` of an exchange directory: its newest checkpoint's step, whether it is the
-final one, its exchange id, how far it is behind the most advanced group, and a `gone.json` reason
-(diverged, or stopped on a signal and to be resumed). Only file metadata is read (no tensor data),
+final one, its exchange id, how far it is behind the most advanced group, a `gone.json` reason
+(diverged, or stopped on a signal and to be resumed), and the job training it now (its group claim),
+or why that job is gone (a codistillation spanning jobs: which group's job to requeue). Only file metadata is read (no tensor data),
 through the same schema checks as every other read of the shared filesystem.
 """
 
@@ -15,6 +16,7 @@ import time
 from pathlib import Path
 
 from hpcdistill.checkpoints import CheckpointError, numbered_files, read_meta
+from hpcdistill.claims import GROUP_CLAIM, claim_dead, read_claim
 from hpcdistill.exchange import GONE
 
 _GROUP = re.compile(r"group-(\d+)", re.ASCII)
@@ -32,7 +34,12 @@ def group_states(directory: Path) -> list[dict]:
     states = []
     for group, gdir in exchange_groups(directory):
         state = {"group": group, "step": None, "final": False, "exchange_id": None, "age_s": None,
-                 "gone": None, "problem": None}
+                 "gone": None, "problem": None, "job": None, "dead": None}
+        claim = read_claim(gdir / GROUP_CLAIM)
+        if claim is not None:
+            holder = claim[0]
+            state["job"] = f"{holder.get('job') or 'pid ' + str(holder.get('pid'))} on {holder.get('host')}"
+            state["dead"] = claim_dead(gdir / GROUP_CLAIM)
         files = numbered_files(gdir)
         if files:
             step, path = files[0]
@@ -71,11 +78,13 @@ def status(directory: Path) -> int:
     for s in states:
         behind = "" if s["step"] is None else str(lead - s["step"])
         what = ("final" if s["final"] else f"left: {s['gone']}" if s["gone"] else
-                "refused: " + s["problem"] if s["problem"] else "nothing yet" if s["step"] is None else "training")
+                "refused: " + s["problem"] if s["problem"] else
+                f"job gone: {s['dead']}" if s["dead"] else "nothing yet" if s["step"] is None else "training")
         rows.append([str(s["group"]), "" if s["step"] is None else str(s["step"]), behind, what,
-                     str(s["exchange_id"] or ""), "" if s["age_s"] is None else f"{s['age_s']:.0f}"])
+                     str(s["exchange_id"] or ""), "" if s["age_s"] is None else f"{s['age_s']:.0f}",
+                     "" if s["job"] is None or s["dead"] else s["job"]])
     print(markdown_table(["group", "newest step", "steps behind the lead", "state", "exchange id",
-                          "file age s"], rows))
+                          "file age s", "trained by"], rows))
     done = sum(s["final"] for s in states)
     print(f"\n{done} of {len(states)} group(s) finished")
     return 0 if done == len(states) else 1

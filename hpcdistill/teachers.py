@@ -158,10 +158,13 @@ class _CodistillSection:
             "exchange_seconds": sum(t["publish_seconds"] + t["load_seconds"] for t in peer),
             "teachers_dropped": total("teachers_dropped"), "stale_waits": total("stale_waits"),
             "stale_wait_seconds": total("stale_wait_seconds"),
+            "exchanges": total("exchanges"), "exchange_bytes_read": total("exchange_bytes_read"),
+            "peers_per_exchange": peer[0]["peers_per_exchange"] if peer else 0,
             "ensemble_test_accuracy": ensemble_accuracy(probs, labels),
             "churn": mean_pairwise_churn(probs), "churn_samples": int(len(labels)),
             "groups": [{"group": p["group"], **{k: t[k] for k in ("steps_without_teacher", "teachers_loaded",
-                                                                 "teachers_rejected_by_reason")}}
+                                                                 "teachers_rejected_by_reason", "last_loaded",
+                                                                 "exchange_bytes_read")}}
                        for p, t in zip(parts, (q["codistill"]["teachers"] for q in parts)) if t],
         }}
 
@@ -171,32 +174,56 @@ class LabelSmoothingControl(_CodistillSection, NoTeachers):
     predictions (the objective makes it); no exchange, but the same summary section."""
 
 
+def peer_rotation(peers: list[int], k: int, exchange: int, *, seed: int, group: int) -> list[int]:
+    """The peers of `group` in the order it tries them at its `exchange`-th exchange: a fixed seeded
+    order, started k places further on at each exchange. Its first k are the turn's teachers, so every
+    peer takes its turn every ceil(len(peers)/k) exchanges; the rest stand in for unavailable ones."""
+    if not peers:
+        return []
+    order = [peers[i] for i in np.random.default_rng([seed, group, 0xC0D15]).permutation(len(peers))]
+    start = (exchange * k) % len(order)
+    return order[start:] + order[:start]
+
+
 class PeerTeachers(_CodistillSection, _Teachers):
     """Codistillation teachers: the other groups' recent models, via the shared filesystem.
 
     A peer further than `max_staleness` steps behind is dropped from the loss (policy "drop", the
     default: a very stale teacher slows training down, Anil et al. 2018, and waiting would couple the
     groups that codistillation keeps independent), or waited for (policy "wait", bounded by
-    `wait_timeout` seconds, cut short by a stop signal, and never for a peer that has finished, left
-    or stopped). A peer never seen after burn-in is waited for too under "wait"; under "drop" it is
-    named once in the log. Every refusal is counted by its reason.
+    `wait_timeout` seconds, cut short by a stop signal, and never for a peer that has finished, left,
+    died (its job's claim has no heartbeat) or not started). A peer never seen after burn-in is waited
+    for too under "wait"; under "drop" it is named once in the log. Every refusal is counted by its reason.
+
+    With `k` < G-1 (HPCDISTILL_PEERS) a group distills from k peers at a time, chosen at each exchange
+    by `peer_rotation` (available ones first): reads per exchange and teacher forwards per step are
+    O(k), not O(G). A peer's model is whatever its record says, if `records` allows it: records[g] is
+    the record group g must carry (None: any record built by an allowed factory for this data).
     """
 
     def __init__(self, exchange_dir: Path, *, comm, group: int, num_groups: int, spec: ModelSpec, arch: dict,
                  device, max_staleness: int, policy: str = "drop", wait_timeout: float = 60.0,
                  exchange_id: str | None = None, stop=lambda: False, exchange_every: int = 50, burn_in: int = 0,
-                 data_split: str = "disjoint"):
+                 data_split: str = "disjoint", records: dict[int, dict | None] | None = None,
+                 factories: dict[str, str] | None = None, k: int | None = None, seed: int = 0):
         _CodistillSection.__init__(self, target="peers", data_split=data_split, stale_policy=policy,
                                    exchange_id=exchange_id)
         self.comm, self.spec, self.arch, self.device = comm, spec, arch, device
+        self.group, self.seed = group, seed
         self.exchange_every, self.burn_in = exchange_every, burn_in
-        self.manifest = sized_manifest(spec, arch["input_shape"], arch["num_classes"])
         self.leader = comm.Get_rank() == 0
         self.max_staleness, self.policy, self.wait_timeout = max_staleness, policy, wait_timeout
         self.stop = stop
         self.exchange = Exchange(exchange_dir, group=group, num_groups=num_groups,
                                  exchange_id=exchange_id) if self.leader else None
         self.peers = [g for g in range(num_groups) if g != group]
+        self.k = len(self.peers) if k is None else min(k, len(self.peers))
+        self.selected = list(self.peers) if self.k == len(self.peers) else []
+        same = json.loads(json.dumps(arch))  # as stored: tuples become lists
+        self.records = {g: same for g in self.peers} if records is None else \
+            {g: json.loads(json.dumps(r)) if r is not None else None for g, r in records.items()}
+        self.factories = {spec.factory: spec.variable, **(factories or {})}
+        self._models: dict[str, tuple[ModelSpec, dict]] = {}  # record (JSON) -> (spec, manifest)
         self.current: dict[int, tuple[int, torch.nn.Module, bool]] = {}  # peer -> (step, model, final)
         self.published = self.loaded = 0
         self.rejected_by_reason: Counter = Counter()
@@ -205,7 +232,10 @@ class PeerTeachers(_CodistillSection, _Teachers):
         self.publish_seconds = self.load_seconds = 0.0
         self.dropped = self.waits = 0
         self.wait_seconds = 0.0  # time held back by policy "wait" (not counted in load_seconds)
+        self.exchanges = 0  # refreshes at exchange steps (bytes read per exchange = bytes_read / exchanges)
+        self.last_loaded: dict[int, int] = {}  # peer -> step of the newest teacher loaded from it
         self._missing_said: set[int] = set()
+        self._named: set[tuple[int, str]] = set()
 
     @property
     def models(self) -> list[torch.nn.Module]:
@@ -221,10 +251,11 @@ class PeerTeachers(_CodistillSection, _Teachers):
     def on_step(self, step: int, publishable, health: dict) -> None:
         """Publish every EXCHANGE_EVERY steps; look for fresher peers then, at the end of burn-in, and
         whenever a teacher in use goes stale (collective in comm: every rank decides alike)."""
-        if step % self.exchange_every == 0 or step == self.burn_in or (step > self.burn_in and self.due(step)):
-            if step % self.exchange_every == 0:
+        exchange_step = step % self.exchange_every == 0
+        if exchange_step or step == self.burn_in or (step > self.burn_in and self.due(step)):
+            if exchange_step:
                 self.publish(step, publishable(), health)
-            self.refresh(step, burn_in=self.burn_in)
+            self.refresh(step, burn_in=self.burn_in, rotate=exchange_step or not self.selected)
 
     def on_stop(self, step: int, why: str) -> None:
         self.leave(f"{why} at step {step}")
@@ -244,10 +275,15 @@ class PeerTeachers(_CodistillSection, _Teachers):
         teachers, so all of them decide alike and the collective refresh stays matched."""
         return any(step - peer_step > self.max_staleness for peer_step, _, _ in self.current.values())
 
-    def refresh(self, step: int, burn_in: int = 0) -> None:
-        """Leader looks for fresher peer checkpoints; the group receives them (collective in comm)."""
+    def refresh(self, step: int, burn_in: int = 0, rotate: bool = True) -> None:
+        """Leader looks for fresher peer checkpoints; the group receives them (collective in comm).
+        With k < G-1 and `rotate`, the k peers of this exchange are chosen first (see _choose)."""
         t, waited = time.perf_counter(), self.wait_seconds
-        for peer in self.peers:
+        if rotate:
+            self.exchanges += 1
+            if self.k < len(self.peers):
+                self._choose(step)
+        for peer in self.selected:
             have = self.current.get(peer)
             found = None
             if self.leader:
@@ -257,6 +293,46 @@ class PeerTeachers(_CodistillSection, _Teachers):
                 self._missing(peer, step)
         self._enforce_staleness(step)
         self.load_seconds += time.perf_counter() - t - (self.wait_seconds - waited)
+
+    def _choose(self, step: int) -> None:
+        """This exchange's k peers, in `peer_rotation` order: those with a file fresh enough and not
+        gone first (metadata only: directory listings and claims), then the others. The leader
+        decides, the group follows; teachers of peers left out are released (teacher compute O(k))."""
+        chosen = None
+        if self.leader:
+            order = peer_rotation(self.peers, self.k, step // self.exchange_every, seed=self.seed, group=self.group)
+
+            def available(peer):
+                newest = self.exchange.newest_step(peer)
+                return newest is not None and step - newest <= self.max_staleness and not self.exchange.gone(peer)
+
+            ready = [p for p in order if available(p)]
+            chosen = (ready + [p for p in order if p not in ready])[:self.k]
+        self.selected = list(bcast_tree(self.comm, None, {"chosen": chosen})[1]["chosen"])
+        for peer in [p for p in self.current if p not in self.selected]:
+            del self.current[peer]
+
+    def _peer_model(self, peer: int, record) -> tuple[ModelSpec, dict]:
+        """(spec, manifest) of the model a peer's record describes, if this group accepts it: the record
+        HPCDISTILL_GROUP_MODELS (or this job's model) fixes for that group, or, for a group of another
+        job with its own HPCDISTILL_MODEL, any record of an allowed factory (this job's, GROUP_MODELS',
+        built-ins) for the same inputs and classes. ModelError says why not."""
+        key = json.dumps(record, sort_keys=True, default=str)
+        if key in self._models:
+            return self._models[key]
+        want = self.records.get(peer)
+        if want is not None and record != want:
+            raise ModelError(f"architecture {record} but expected {want} (what group {peer} trains here; give every "
+                             "job the same HPCDISTILL_MODEL or HPCDISTILL_GROUP_MODELS)")
+        spec, shape, classes = spec_from_record(record, factories=self.factories, where=f"group {peer}'s record")
+        if [list(shape), classes] != [list(self.arch["input_shape"]), self.arch["num_classes"]]:
+            raise ModelError(f"group {peer}'s model takes inputs {list(shape)} and {classes} classes, this group's "
+                             f"data has {list(self.arch['input_shape'])} and {self.arch['num_classes']}: the groups "
+                             "of a codistillation must train on the same dataset")
+        if len(self._models) >= 64:  # distinct records are few; a writer making up new ones gains nothing
+            self._models.pop(next(iter(self._models)))
+        self._models[key] = (spec, sized_manifest(spec, shape, classes))
+        return self._models[key]
 
     def _missing(self, peer: int, step: int) -> None:
         """No teacher from `peer` at all after burn-in: wait for one ("wait"), or say so once ("drop")."""
@@ -277,25 +353,31 @@ class PeerTeachers(_CodistillSection, _Teachers):
         """Broadcast what the leader found (or nothing) and load it as the peer's teacher. A file that
         passed every check but still does not load is refused, on every rank alike (same bytes)."""
         final = bool(found.meta["health"].get("final")) if found else False
-        meta = {"step": found.step, "final": final} if found else None
+        meta = {"step": found.step, "final": final, "arch": found.meta["arch"]} if found else None
         arrays, meta = bcast_tree(self.comm, found.arrays if found else None, meta)
         if arrays is None:
             return
         try:
-            model = _frozen(self.spec.build(self.arch["input_shape"], self.arch["num_classes"]),
+            spec = self._peer_model(peer, meta["arch"])[0]
+            model = _frozen(spec.build(self.arch["input_shape"], self.arch["num_classes"]),
                             model_arrays(arrays), self.device)
         except Exception as exc:  # noqa: BLE001 - nothing a peer's file holds may crash the group
             self.rejected_by_reason["architecture"] += 1
             if self.leader:
                 log.warning("refused teacher %s: does not load (%s: %s)", found.path, type(exc).__name__, exc)
             return
+        if (spec.factory, spec.args) != (self.spec.factory, self.spec.args) and (peer, spec.name) not in self._named:
+            self._named.add((peer, spec.name))  # another architecture: say so once
+            if self.leader:
+                log.info("teacher of group %d: %s (%d parameters)", peer, spec.name, count_parameters(model))
         self.current[peer] = (meta["step"], model, meta["final"])
+        self.last_loaded[peer] = meta["step"]
         self.loaded += 1
 
     def _find(self, peer: int, step: int, newer_than: int | None):
         oldest = max(0, step - self.max_staleness, -1 if newer_than is None else newer_than + 1)
-        found, rejections = self.exchange.freshest(peer, expect_arch=self.arch, expect_manifest=self.manifest,
-                                                   min_step=oldest)
+        found, rejections = self.exchange.freshest(
+            peer, expect=lambda meta: self._peer_model(peer, meta.get("arch"))[1], min_step=oldest)
         for path, code, reason in rejections:
             self.rejected_by_reason[code] += 1
             log.warning("refused teacher %s (%s): %s", path, code, reason)
@@ -322,14 +404,18 @@ class PeerTeachers(_CodistillSection, _Teachers):
         found = None
         if self.leader:
             have = self.current.get(peer)
-            log.info("waiting up to %.0f s for a teacher from group %d newer than %s (HPCDISTILL_STALE_POLICY=wait)",
-                     self.wait_timeout, peer, f"step {have[0]}" if have else "none")
-            while found is None and time.monotonic() < deadline and not self.stop():
+            gone = self.exchange.gone(peer)
+            if not gone:
+                log.info("waiting up to %.0f s for a teacher from group %d newer than %s (HPCDISTILL_STALE_POLICY="
+                         "wait)", self.wait_timeout, peer, f"step {have[0]}" if have else "none")
+            while not gone and found is None and time.monotonic() < deadline and not self.stop():
                 found = self._find(peer, step, newer_than=have[0] if have else None)
                 if found is None:
-                    if self.exchange.gone(peer):  # it diverged or stopped: nothing is coming soon
-                        break
-                    time.sleep(0.2)
+                    gone = self.exchange.gone(peer)  # it left, died or never started: nothing is coming soon
+                    if not gone:
+                        time.sleep(0.2)
+            if gone and found is None:
+                log.info("not waiting for group %d: %s", peer, gone)
         self._receive(peer, found)
         self.waits += 1
         self.wait_seconds += time.monotonic() - t
@@ -341,7 +427,7 @@ class PeerTeachers(_CodistillSection, _Teachers):
             if step - peer_step <= self.max_staleness:
                 self.staleness.append(max(0, step - peer_step))
                 out.append(model)
-        if len(out) < len(self.peers):
+        if len(out) < len(self.selected):
             self.steps_without_teacher += 1
         return out
 
@@ -357,6 +443,8 @@ class PeerTeachers(_CodistillSection, _Teachers):
             "steps_without_teacher": self.steps_without_teacher,
             "publish_seconds": self.publish_seconds, "load_seconds": self.load_seconds,
             "teachers_dropped": self.dropped, "stale_waits": self.waits, "stale_wait_seconds": self.wait_seconds,
+            "exchanges": self.exchanges, "exchange_bytes_read": self.exchange.bytes_read if self.leader else 0,
+            "peers_per_exchange": self.k, "last_loaded": {str(p): s for p, s in sorted(self.last_loaded.items())},
         }
 
 

@@ -63,6 +63,10 @@ BAD = {
     "EXCHANGE_ID": ("../other", "should match pattern"),
     "TENSORBOARD": ("maybe", "valid boolean"),
     "CSV": ("2", "valid boolean"),
+    "GROUP_OFFSET": ("-1", "greater than or equal to 0"),
+    "LOCAL_GROUPS": ("0", "greater than 0"),
+    "GROUP_MODELS": ("mlp:cnn", "codistill settings, but HPCDISTILL_MODE=sync"),
+    "PEERS": ("0", "greater than 0"),
 }
 
 # Settings whose every non-empty value is syntactically valid (paths, names) are covered elsewhere:
@@ -102,6 +106,70 @@ def test_defaults_and_derived_values(env):
     assert load_settings().num_groups == 2
     env.setenv("HPCDISTILL_STALENESS_BOUND", "")  # empty = unbounded
     assert load_settings().staleness_bound is None
+
+
+def test_groups_spanning_jobs(env):
+    """GROUP_OFFSET/LOCAL_GROUPS against GROUPS; a job of a multi-job codistillation must name the
+    shared exchange dir and id; the world splits among the job's own groups."""
+    env.setenv("HPCDISTILL_MODE", "codistill")
+    env.setenv("HPCDISTILL_GROUPS", "4")
+    env.setenv("HPCDISTILL_GROUP_OFFSET", "2")
+    with pytest.raises(ConfigError, match="groups 2..2 of 4 .* HPCDISTILL_EXCHANGE_DIR and HPCDISTILL_EXCHANGE_ID is "
+                                          "unset"):
+        load_settings()
+    env.setenv("HPCDISTILL_EXCHANGE_DIR", "/shared/ex")
+    env.setenv("HPCDISTILL_EXCHANGE_ID", "run-1")
+    s = load_settings()
+    assert (s.first_group, s.local_group_count, s.spans_jobs, s.num_peers) == (2, 1, True, 3)
+    env.setenv("HPCDISTILL_LOCAL_GROUPS", "3")
+    with pytest.raises(ConfigError, match=r"groups 2..4 do not exist in a codistillation of HPCDISTILL_GROUPS=4"):
+        load_settings()
+    env.setenv("HPCDISTILL_LOCAL_GROUPS", "2")
+    env.setenv("OMPI_COMM_WORLD_SIZE", "3")
+    with pytest.raises(ConfigError, match=r"HPCDISTILL_LOCAL_GROUPS=2 \(the groups this job trains\): the world "
+                                          "size 3 is not divisible"):
+        load_settings()
+    env.setenv("OMPI_COMM_WORLD_SIZE", "4")
+    assert load_settings().local_group_count == 2
+    env.setenv("HPCDISTILL_PEERS", "4")
+    with pytest.raises(ConfigError, match="HPCDISTILL_PEERS=4: .* has 3 peer"):
+        load_settings()
+    env.setenv("HPCDISTILL_PEERS", "1")
+    assert load_settings().num_peers == 1
+    env.delenv("HPCDISTILL_GROUP_OFFSET")
+    env.delenv("HPCDISTILL_LOCAL_GROUPS")
+    s = load_settings()  # one job, every group: no exchange id needed
+    assert (s.first_group, s.local_group_count, s.spans_jobs) == (0, 4, False)
+
+
+@pytest.mark.parametrize("value, models", [
+    ("mlp:cnn-small", ["mlp", "cnn-small"]),
+    ("mlp,cnn", ["mlp", "cnn"]),
+    ("userpkg.models:make:mlp", ["userpkg.models:make", "mlp"]),
+    ("mlp:a.b:f:a.b:g", ["mlp", "a.b:f", "a.b:g"]),
+    ("userpkg.models:make,mlp", ["userpkg.models:make", "mlp"]),
+])
+def test_group_models_lists(value, models):
+    from hpcdistill.config import model_list
+
+    assert model_list(value) == models
+
+
+def test_group_models_checks(env):
+    env.setenv("HPCDISTILL_MODE", "codistill")
+    env.setenv("HPCDISTILL_GROUP_MODELS", "mlp:cnn:mlp-small")
+    with pytest.raises(ConfigError, match=r"3 model\(s\) .* for HPCDISTILL_GROUPS=2 groups"):
+        load_settings()
+    env.setenv("HPCDISTILL_GROUP_MODELS", "mlp:pkg.mod")
+    with pytest.raises(ConfigError, match="HPCDISTILL_GROUP_MODELS='mlp:pkg.mod': 'pkg.mod' looks like a module path"):
+        load_settings()
+    env.setenv("HPCDISTILL_GROUP_MODELS", "mlp:cnn-small")
+    env.setenv("HPCDISTILL_MODEL_ARGS", '{"dropout": 0.2}')
+    with pytest.raises(ConfigError, match="HPCDISTILL_MODEL_ARGS is set but HPCDISTILL_MODEL=None is none of"):
+        load_settings()
+    env.setenv("HPCDISTILL_MODEL", "mlp")
+    s = load_settings()
+    assert s.model_for_group(0) == ("mlp", '{"dropout": 0.2}') and s.model_for_group(1) == ("cnn-small", None)
 
 
 def test_cross_checks(env):

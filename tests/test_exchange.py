@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from hpcdistill.checkpoints import capture, model_arrays, write_h5
-from hpcdistill.exchange import Exchange
+from hpcdistill.exchange import Exchange, expect_record
 
 from conftest import builtin_model, flip_stored_byte
 
@@ -29,17 +29,17 @@ def test_publish_and_freshest_between_two_groups(tmp_path):
     ex0 = Exchange(tmp_path, group=0, num_groups=2)
     ex1 = Exchange(tmp_path, group=1, num_groups=2)
     assert ex0.peers() == [1] and ex1.peers() == [0]
-    assert ex1.freshest(0, expect_arch=ARCH) == (None, [])  # nothing published yet
+    assert ex1.freshest(0, expect=expect_record(ARCH)) == (None, [])  # nothing published yet
 
     path = ex0.publish(5, filled(5.0), arch={"name": "mlp", "sizes": (16, 16)}, health=HEALTHY)
     assert path == tmp_path / "group-0" / "step-00000005.h5"
-    ck, rejections = ex1.freshest(0, expect_arch=ARCH)
+    ck, rejections = ex1.freshest(0, expect=expect_record(ARCH))
     assert rejections == [] and (ck.group, ck.step, ck.path) == (0, 5, path)
     assert ck.meta["health"] == {**HEALTHY, "finite": True} and ck.meta["arch"] == ARCH
     sd = model_arrays(ck.arrays)
     assert torch.equal(sd["weight"], torch.full((16, 16), 5.0))
-    assert ex1.freshest(0, expect_arch=ARCH, min_step=6) == (None, [])
-    assert ex1.freshest(0, expect_arch=ARCH, exclude_path_steps={5}) == (None, [])
+    assert ex1.freshest(0, expect=expect_record(ARCH), min_step=6) == (None, [])
+    assert ex1.freshest(0, expect=expect_record(ARCH), exclude_path_steps={5}) == (None, [])
 
 
 def test_publish_keeps_newest_files(tmp_path):
@@ -106,14 +106,14 @@ def test_bad_peer_file_is_refused_and_older_good_one_used(tmp_path, kind):
     bad_path = tmp_path / "group-0" / "step-00000020.h5"
 
     publish_bad(peer, kind)
-    ck, rejections = me.freshest(0, expect_arch=ARCH)
+    ck, rejections = me.freshest(0, expect=expect_record(ARCH))
     assert ck is None and len(rejections) == 1
     assert rejections[0][0] == bad_path and BAD[kind] in rejections[0][2]
 
     # An older good file exists (a newer bad one appears after it): that one is the teacher.
     Exchange(tmp_path, group=0, num_groups=2, keep=3, exchange_id="x").publish(10, filled(10.0), arch=ARCH,
                                                                                health=HEALTHY)
-    ck, rejections = me.freshest(0, expect_arch=ARCH)
+    ck, rejections = me.freshest(0, expect=expect_record(ARCH))
     assert ck.step == 10 and torch.equal(model_arrays(ck.arrays)["bias"], torch.full((16,), 10.0))
     assert rejections == []  # the bad file was reported once, not on every call
 
@@ -122,9 +122,9 @@ def test_rewritten_rejected_file_is_read_again(tmp_path):
     peer = Exchange(tmp_path, group=0, num_groups=2)
     me = Exchange(tmp_path, group=1, num_groups=2)
     truncate(peer.publish(20, filled(20.0), arch=ARCH, health=HEALTHY))
-    assert me.freshest(0, expect_arch=ARCH)[0] is None
+    assert me.freshest(0, expect=expect_record(ARCH))[0] is None
     peer.publish(20, filled(20.0), arch=ARCH, health=HEALTHY)
-    ck, rejections = me.freshest(0, expect_arch=ARCH)
+    ck, rejections = me.freshest(0, expect=expect_record(ARCH))
     assert ck.step == 20 and rejections == []
 
 
@@ -147,7 +147,7 @@ def _reader(directory, ready, stop, out):
     steps, rejections, inconsistent = [], [], []
     ready.set()
     while not stop.is_set():
-        ck, rejected = ex.freshest(1, expect_arch=ARCH)
+        ck, rejected = ex.freshest(1, expect=expect_record(ARCH))
         rejections += [(str(p), reason) for p, _, reason in rejected]
         if ck is not None:
             steps.append(ck.step)

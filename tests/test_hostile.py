@@ -17,7 +17,7 @@ import h5py
 import pytest
 
 from hpcdistill.checkpoints import CheckpointError, read_h5
-from hpcdistill.exchange import Exchange
+from hpcdistill.exchange import Exchange, expect_record
 from hpcdistill.launch import VENV_BIN as BIN
 from hpcdistill.models import build_from_record, manifest
 from hpcdistill.teachers import _read_teacher
@@ -170,7 +170,7 @@ def test_exchange_refuses_each_hostile_peer_file_and_takes_the_valid_one(peers, 
     directory, cases, valid = peers
     me = Exchange(directory, group=0, num_groups=2, exchange_id=EXCHANGE_ID)
     t = time.monotonic()
-    found, rejections = me.freshest(1, expect_arch=record, expect_manifest=manifest(model))
+    found, rejections = me.freshest(1, expect=expect_record(record, manifest(model)))
     assert time.monotonic() - t < FAST  # all of them together
     assert found is not None and (found.step, found.path) == (10, valid)
     got = {path: (code, reason) for path, code, reason in rejections}
@@ -179,7 +179,7 @@ def test_exchange_refuses_each_hostile_peer_file_and_takes_the_valid_one(peers, 
         code, words = PEER_REFUSALS[name]
         assert got[path][0] == code and words in got[path][1], (name, got[path])
     # remembered: neither read nor reported again
-    assert me.freshest(1, expect_arch=record, expect_manifest=manifest(model))[1] == []
+    assert me.freshest(1, expect=expect_record(record, manifest(model)))[1] == []
 
 
 @pytest.mark.timeout(60)

@@ -1,6 +1,8 @@
 """World -> groups -> Horovod process sets, leaders and devices.
 
-Codistillation splits MPI_COMM_WORLD into equal, contiguous groups (contiguous so that a group
+A codistillation's groups may live in one job or in several (GROUP_OFFSET, LOCAL_GROUPS): a job's
+world is split among its own groups only, numbered across the codistillation; jobs meet only in the
+exchange directory. Codistillation splits MPI_COMM_WORLD into equal, contiguous groups (contiguous so that a group
 tends to share a node and its allreduce stays on the fast links). Each group gets its own MPI
 sub-communicator (for RMA windows and broadcasts) and its own Horovod on it (for gradient
 allreduce; the group is that Horovod's process set). Rank 0 of each group is its leader: the only
@@ -21,8 +23,8 @@ class Topology:
     world: "object"            # MPI.Comm
     rank: int
     size: int
-    num_groups: int
-    group: int
+    num_groups: int            # the codistillation's groups, in every job of it
+    group: int                 # this rank's group, numbered across the codistillation
     group_comm: "object"       # MPI.Comm of this rank's group
     group_rank: int
     group_size: int
@@ -31,6 +33,16 @@ class Topology:
     device: torch.device
     process_set: "object" = field(default=None, repr=False)   # hvd.ProcessSet of this group
     leaders_comm: "object" = field(default=None, repr=False)  # leaders only (None elsewhere)
+    group_offset: int = 0      # the first group this job trains (a codistillation spanning jobs)
+    local_groups: int = 0      # how many groups this job trains (0: num_groups)
+
+    def __post_init__(self):
+        self.local_groups = self.local_groups or self.num_groups
+
+    @property
+    def local_group(self) -> int:
+        """This rank's group among the job's own groups (0 .. local_groups-1)."""
+        return self.group - self.group_offset
 
     @property
     def is_leader(self) -> bool:
@@ -62,16 +74,19 @@ def init_mpi():
     return MPI
 
 
-def build_topology(num_groups: int, *, horovod: bool = True) -> Topology:
-    """Split the world into `num_groups` groups and set Horovod up on them (collective)."""
+def build_topology(local_groups: int, *, offset: int = 0, num_groups: int | None = None,
+                   horovod: bool = True) -> Topology:
+    """Split this job's world into `local_groups` groups, numbered from `offset` among the `num_groups`
+    of the codistillation (default: this job trains them all), and set Horovod up on them (collective)."""
     MPI = init_mpi()
     world = MPI.COMM_WORLD
     rank, size = world.Get_rank(), world.Get_size()
-    if size % num_groups:
-        raise ValueError(f"world size {size} is not divisible by {num_groups} groups")
-    per = size // num_groups
-    group = rank // per
-    group_comm = world.Split(color=group, key=rank)
+    if size % local_groups:
+        raise ValueError(f"world size {size} is not divisible by {local_groups} groups")
+    num_groups = num_groups or local_groups
+    per = size // local_groups
+    group = offset + rank // per
+    group_comm = world.Split(color=rank // per, key=rank)
     node_comm = world.Split_type(MPI.COMM_TYPE_SHARED, key=rank)
     local_rank = node_comm.Get_rank()
     node_comm.Free()
@@ -81,8 +96,8 @@ def build_topology(num_groups: int, *, horovod: bool = True) -> Topology:
     topo = Topology(
         world=world, rank=rank, size=size, num_groups=num_groups, group=group,
         group_comm=group_comm, group_rank=group_comm.Get_rank(), group_size=per,
-        group_ranks=list(range(group * per, (group + 1) * per)), local_rank=local_rank,
-        device=_device(local_rank), leaders_comm=leaders_comm,
+        group_ranks=list(range((group - offset) * per, (group - offset + 1) * per)), local_rank=local_rank,
+        device=_device(local_rank), leaders_comm=leaders_comm, group_offset=offset, local_groups=local_groups,
     )
     if horovod:
         topo.process_set = init_horovod(group_comm)

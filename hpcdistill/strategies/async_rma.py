@@ -184,7 +184,7 @@ class AsyncUpdater:
         self.flat_param, self.params = flatten_parameters(model)
         self.n = self.flat_param.numel()
         self.weights, self.version, self.clocks = in_turn(
-            topo.world, topo.group, topo.num_groups,
+            topo.world, topo.local_group, topo.local_groups,
             lambda: (ShardedVector(gc, self.hosts, self.n), CounterWindow(gc, self.hosts[0]),
                      ClockWindow(gc, self.hosts[0], self.num_workers)))
 

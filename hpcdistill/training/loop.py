@@ -29,7 +29,7 @@ from hpcdistill.config import ConfigError, default_lr, settings_env
 from hpcdistill.data import DataError, TrainStream, open_source
 from hpcdistill.log import Progress, get_logger, setup_logging
 from hpcdistill.metrics import MetricsWriter, checkpoint_dir, metrics_path, write_json_atomic
-from hpcdistill.models import all_finite, resolve_model
+from hpcdistill.models import all_finite
 from hpcdistill.summary import RunSummary
 from hpcdistill.training import compose
 from hpcdistill.training import evaluate as ev
@@ -99,7 +99,9 @@ def resolve_run_dir(settings, world) -> Path:
 
 def _write_config(run_dir: Path, settings, topo, arch: dict, run_id: str) -> None:
     config = {"settings": settings.model_dump(mode="json"), "world_size": topo.size,
-              "num_groups": topo.num_groups, "arch": arch, "run_id": run_id}
+              "num_groups": topo.num_groups, "groups": list(range(topo.group_offset, topo.group_offset +
+                                                                   topo.local_groups)),
+              "arch": arch, "run_id": run_id}
     old = run_dir / "config.json"
     if old.exists():
         previous = json.loads(old.read_text()).get("settings", {})
@@ -131,14 +133,15 @@ class Trainer:
         self.s = s = settings
         self.t0 = time.time()
         self.stop = StopSignal()
-        self.topo = topo = build_topology(s.num_groups, horovod=not s.uses_async)
+        self.topo = topo = build_topology(s.local_group_count, offset=s.first_group, num_groups=s.num_groups,
+                                          horovod=not s.uses_async)
         s.check_world(topo.size)
         setup_logging(topo.tag(), speaker=topo.is_leader)
         self.run_dir = resolve_run_dir(s, topo.world)
         self.run_id, self.claims = claim_dirs(s, self.run_dir, compose.exchange_dir(s, self.run_dir), topo.world)
         self.exchange_id = s.exchange_id or self.run_id
         self.data = _dataset_checked_once(s, topo.world)
-        self.spec = resolve_model(s.model, s.model_args, kind=self.data.kind)
+        self.spec = compose.group_spec(s, topo.group, self.data.kind)
         self.arch = self.spec.record(self.data.input_shape, self.data.num_classes)
         torch.manual_seed(s.seed * 1000 + topo.group)  # each group its own initialisation
         self.model = self.spec.build(self.data.input_shape, self.data.num_classes).to(topo.device)
@@ -310,6 +313,7 @@ class Trainer:
             return ev.predict_probs(model, test_set, batch_size=256, device=self.topo.device, limit=limit)
 
         return {"group": {"group": self.topo.group, "ranks": self.topo.group_ranks, "steps": step,
+                          "model": self.spec.name,
                           "test_loss": test["loss"], "test_accuracy": test["accuracy"],
                           "val_loss": val["loss"], "val_accuracy": val["accuracy"]},
                 "samples": self.samples, "updater": updater_part,
