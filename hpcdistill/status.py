@@ -3,8 +3,9 @@
 For every `group-<g>/` of an exchange directory: its newest checkpoint's step, whether it is the
 final one, its exchange id, how far it is behind the most advanced group, a `gone.json` reason
 (diverged, or stopped on a signal and to be resumed), and the job training it now (its group claim),
-or why that job is gone (a codistillation spanning jobs: which group's job to requeue). Only file metadata is read (no tensor data),
-through the same schema checks as every other read of the shared filesystem.
+or why that job is gone (a codistillation spanning jobs: which group's job to requeue). Only file
+metadata is read (no tensor data), through the same schema checks as every other read of the shared
+filesystem.
 """
 
 from __future__ import annotations
