@@ -107,13 +107,16 @@ class Workspace:
     def output(self, prefix: str, job_id: str) -> str:
         return (self.path / f"{prefix}-{job_id}.out").read_text()
 
-    def signal_midway(self, name: str, prefix: str, batch: bool = True) -> None:
+    def signal_midway(self, name: str, prefix: str, batch: bool = True, task: int | None = None) -> None:
         """In the background: once the job has logged SIGNAL_AFTER_STEP, send USR2 to its batch shell
         (what `--signal=B:USR2@<secs>` does before the time limit), or with batch=False to its tasks
-        (what `--signal=USR2@<secs>` does)."""
+        (what `--signal=USR2@<secs>` does). `task`: that array task of codistill-array.sbatch."""
         job_id, record = self.jobs[name], {}
         self.signals[name] = record
         metrics = self.run_dir(prefix, job_id) / "metrics.jsonl"
+        if task is not None:
+            metrics = self.run_dir(prefix, job_id) / f"job-{task}" / f"metrics-g{task}.jsonl"
+            job_id = f"{job_id}_{task}"
 
         def watch():
             deadline = time.monotonic() + JOB_TIMEOUT
@@ -197,6 +200,12 @@ def ws(slurm, tmp_path_factory) -> Workspace:
     # A list setting on the sbatch line: Slurm cuts --export at commas, `0:1` must arrive whole.
     ws.submit("async_hosts", "async.sbatch", "--ntasks=3", "--job-name=hpcd-async2",
               export="ALL,HPCDISTILL_PARAM_HOSTS=0:1", HPCDISTILL_STEPS=20, HPCDISTILL_LOG_EVERY=5)
+    # Codistillation across jobs: array task i trains group i; task 1 is sent the time-limit warning,
+    # checkpoints, is requeued and rejoins while task 0 trains on.
+    ws.submit("coarray", "codistill-array.sbatch", "--ntasks=2", "--array=0-1", **{
+        **SLOW, "HPCDISTILL_EXCHANGE_EVERY": 10, "HPCDISTILL_BURN_IN": 10, "HPCDISTILL_CHECKPOINT_EVERY": 10,
+        "HPCDISTILL_MAX_STALENESS": 40})
+    ws.signal_midway("coarray", "hpcd-coarray", task=1)
     ws.submit("sweep", "sweep.sbatch", "--ntasks=2", "--array=0-1", HPCDISTILL_MODE="sync", HPCDISTILL_STEPS=20,
               HPCD_SWEEP_VAR="HPCDISTILL_LR", HPCD_SWEEP_VALUES="0.02 0.1")
     return ws
@@ -315,6 +324,26 @@ def test_sweep_job_array_one_run_dir_per_task(ws):
         config = json.loads((run / "config.json").read_text())
         assert config["settings"]["lr"] == float(lr) and config["settings"]["mode"] == "sync"
         assert (ws.path / f"hpcd-sweep-{job_id}_{task}.out").exists()
+
+
+def test_codistillation_across_array_tasks_survives_a_requeue(ws):
+    job_id = ws.jobs["coarray"]
+    records = sorted(wait_job(job_id), key=lambda r: r["JobId"])
+    base = ws.path / "runs" / f"hpcd-coarray-{job_id}"
+    outs = [(ws.path / f"hpcd-coarray-{job_id}_{t}.out").read_text() for t in (0, 1)]
+    assert len(records) == 2 and all(r["JobState"] == "COMPLETED" for r in records), f"{records}\n{outs[1][-3000:]}"
+    assert [r["Restarts"] for r in records] == ["0", "1"], records  # only task 1 was requeued
+    assert "requeueing job" in outs[1] and "resuming from" in outs[1] and "resuming from" not in outs[0]
+    assert "trains group(s) 1..1 of 2" in outs[1]
+    for task in (0, 1):
+        summary = _summary(base / f"job-{task}")
+        assert summary["num_groups"] == 2 and [g["group"] for g in summary["groups"]] == [task]
+        codistill = summary["codistill"]
+        assert codistill["exchange_id"] == f"hpcd-coarray-{job_id}" and codistill["teachers_rejected"] == 0
+        assert codistill["groups"][0]["last_loaded"].get(str(1 - task), 0) > 0, codistill  # the other's teacher
+    status = subprocess.run(["hpcdistill", "status", str(base / "exchange")], capture_output=True, text=True,
+                            env=ws.env(PATH=f"{VENV}/bin:{os.environ['PATH']}"))
+    assert status.returncode == 0 and "2 of 2 group(s) finished" in status.stdout, status.stdout + status.stderr
 
 
 def test_real_time_limit_requeues_until_done_with_the_same_weights(ws):
