@@ -202,11 +202,15 @@ hpcd_launch() {
     esac
     if [ -n "$why" ]; then
         if [ "$restarts" -lt "$HPCD_MAX_RESTARTS" ]; then
-            hpcd_log "$why and no summary.json: requeueing job $SLURM_JOB_ID (restart $((restarts + 1)) of at most $HPCD_MAX_RESTARTS); it resumes from the newest checkpoint in $run_dir"
-            if scontrol requeue "$SLURM_JOB_ID"; then
+            # An array task by <array job>_<task>: its SLURM_JOB_ID may equal the array's id, which
+            # `scontrol requeue` takes as every task of the array (a finished sibling ran again).
+            local me="$SLURM_JOB_ID"
+            [ -z "${SLURM_ARRAY_JOB_ID:-}" ] || me="${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}"
+            hpcd_log "$why and no summary.json: requeueing job $me (restart $((restarts + 1)) of at most $HPCD_MAX_RESTARTS); it resumes from the newest checkpoint in $run_dir"
+            if scontrol requeue "$me"; then
                 exit 0
             fi
-            hpcd_die "scontrol requeue $SLURM_JOB_ID failed (does the cluster allow requeue: JobRequeue, --requeue?); continue by submitting again with HPCDISTILL_RUN_DIR=$run_dir" 1
+            hpcd_die "scontrol requeue $me failed (does the cluster allow requeue: JobRequeue, --requeue?); continue by submitting again with HPCDISTILL_RUN_DIR=$run_dir" 1
         fi
         hpcd_die "$why, but not requeueing: $restarts restart(s) already, HPCD_MAX_RESTARTS=$HPCD_MAX_RESTARTS; the newest checkpoint is in $run_dir (submit again with HPCDISTILL_RUN_DIR=$run_dir to continue)" 1
     fi

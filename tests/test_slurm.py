@@ -328,11 +328,12 @@ def test_sweep_job_array_one_run_dir_per_task(ws):
 
 def test_codistillation_across_array_tasks_survives_a_requeue(ws):
     job_id = ws.jobs["coarray"]
-    records = sorted(wait_job(job_id), key=lambda r: r["JobId"])
+    records = sorted(wait_job(job_id), key=lambda r: int(r["ArrayTaskId"]))
     base = ws.path / "runs" / f"hpcd-coarray-{job_id}"
     outs = [(ws.path / f"hpcd-coarray-{job_id}_{t}.out").read_text() for t in (0, 1)]
     assert len(records) == 2 and all(r["JobState"] == "COMPLETED" for r in records), f"{records}\n{outs[1][-3000:]}"
-    assert [r["Restarts"] for r in records] == ["0", "1"], records  # only task 1 was requeued
+    # only task 1 was requeued (`scontrol requeue <array id>` would requeue the finished task 0 too)
+    assert [r["Restarts"] for r in records] == ["0", "1"], records
     assert "requeueing job" in outs[1] and "resuming from" in outs[1] and "resuming from" not in outs[0]
     assert "trains group(s) 1..1 of 2" in outs[1]
     for task in (0, 1):
