@@ -201,10 +201,11 @@ def ws(slurm, tmp_path_factory) -> Workspace:
     ws.submit("async_hosts", "async.sbatch", "--ntasks=3", "--job-name=hpcd-async2",
               export="ALL,HPCDISTILL_PARAM_HOSTS=0:1", HPCDISTILL_STEPS=20, HPCDISTILL_LOG_EVERY=5)
     # Codistillation across jobs: array task i trains group i; task 1 is sent the time-limit warning,
-    # checkpoints, is requeued and rejoins while task 0 trains on.
+    # checkpoints, is requeued and rejoins while task 0 trains on (400 steps of >= 50 ms: longer than
+    # a requeue takes here; teachers of any age are used, so each task has the other's whenever they overlap).
     ws.submit("coarray", "codistill-array.sbatch", "--ntasks=2", "--array=0-1", **{
-        **SLOW, "HPCDISTILL_EXCHANGE_EVERY": 10, "HPCDISTILL_BURN_IN": 10, "HPCDISTILL_CHECKPOINT_EVERY": 10,
-        "HPCDISTILL_MAX_STALENESS": 40})
+        **SLOW, "HPCDISTILL_STEPS": 400, "HPCDISTILL_EXCHANGE_EVERY": 10, "HPCDISTILL_BURN_IN": 10,
+        "HPCDISTILL_CHECKPOINT_EVERY": 10, "HPCDISTILL_MAX_STALENESS": 1000})
     ws.signal_midway("coarray", "hpcd-coarray", task=1)
     ws.submit("sweep", "sweep.sbatch", "--ntasks=2", "--array=0-1", HPCDISTILL_MODE="sync", HPCDISTILL_STEPS=20,
               HPCD_SWEEP_VAR="HPCDISTILL_LR", HPCD_SWEEP_VALUES="0.02 0.1")
