@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One-time (and idempotent) set-up of hpcdistill in ./.venv:
 #   system MPI (the one on PATH, else Open MPI from apt), torch 2.13 (CPU wheel), mpi4py, h5py,
-#   Horovod 0.28.1 built from PyPI's source release against that torch (patched to C++17) and cached
+#   Horovod 0.28.1 built from PyPI's source release against that torch (patched to C++17, and
+#   scripts/horovod-latency.patch: no ~1 ms floor per collective) and cached
 #   as a wheel, then hpcdistill itself in editable mode. A second run only checks and takes seconds.
 set -euo pipefail
 
@@ -56,7 +57,9 @@ VPY="$VENV/bin/python"
 PIP=("$VPY" -m pip --disable-pip-version-check -q)
 
 # Fast path: everything already installed for this very tree and these versions.
-want="torch=$TORCH_VERSION horovod=$HOROVOD_VERSION pyproject=$(sha1sum "$ROOT/pyproject.toml" | cut -c1-12)"
+PATCH="$ROOT/scripts/horovod-latency.patch"
+patch_id="$(sha1sum "$PATCH" | cut -c1-12)"
+want="torch=$TORCH_VERSION horovod=$HOROVOD_VERSION+$patch_id pyproject=$(sha1sum "$ROOT/pyproject.toml" | cut -c1-12)"
 if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ] && "$VPY" -c 'import horovod.torch, mpi4py, h5py, hpcdistill' 2>/dev/null; then
   say "already set up ($want)"
   exit 0
@@ -69,7 +72,7 @@ fi
 # 4. Horovod, built once into a wheel cache ---------------------------------------------------------
 mkdir -p "$WHEELS"
 tag="torch$TORCH_VERSION-$(basename "$(readlink -f "$(command -v mpicc)")")"
-wheel_dir="$WHEELS/horovod-$HOROVOD_VERSION-$tag"
+wheel_dir="$WHEELS/horovod-$HOROVOD_VERSION-$patch_id-$tag"
 if ! ls "$wheel_dir"/horovod-*.whl >/dev/null 2>&1; then
   say "building Horovod $HOROVOD_VERSION against torch $TORCH_VERSION (takes ~5 min on 2 cores, once)"
   work="$(mktemp -d)"
@@ -80,6 +83,16 @@ if ! ls "$wheel_dir"/horovod-*.whl >/dev/null 2>&1; then
   # torch >= 2.1 headers need C++17; Horovod 0.28.1 asks for C++14 (horovod#3996, fixed after 0.28.1).
   sed -i 's/set(CMAKE_CXX_STANDARD 14)/set(CMAKE_CXX_STANDARD 17)/' "$src/CMakeLists.txt" "$src/horovod/torch/CMakeLists.txt"
   grep -q 'CMAKE_CXX_STANDARD 17' "$src/horovod/torch/CMakeLists.txt" || die "Horovod patch did not apply"
+  # The ~1 ms floor of every collective (docs/benchmarks.md (a)): the background loop sleeps a whole
+  # HOROVOD_CYCLE_TIME before it looks at a newly enqueued tensor, and synchronize() spins. The patch
+  # wakes the loop on enqueue and blocks synchronize() on a condition variable (HOROVOD_WAKE_ON_ENQUEUE=0
+  # restores the stock loop); tests/test_horovod.py checks it is in the build.
+  if ! command -v patch >/dev/null; then apt_usable && apt_install patch; fi
+  if command -v patch >/dev/null; then
+    patch -d "$src" -p1 --forward --quiet < "$PATCH" || die "scripts/horovod-latency.patch did not apply"
+  else
+    git -C "$src" apply -p1 "$PATCH" || die "scripts/horovod-latency.patch did not apply (no \`patch\`; git apply failed)"
+  fi
   mkdir -p "$wheel_dir.tmp"
   HOROVOD_WITH_PYTORCH=1 HOROVOD_WITH_MPI=1 HOROVOD_WITH_GLOO=1 \
   HOROVOD_WITHOUT_TENSORFLOW=1 HOROVOD_WITHOUT_MXNET=1 HOROVOD_CPU_OPERATIONS=MPI CMAKE_POLICY_VERSION_MINIMUM=3.5 \
