@@ -55,6 +55,8 @@ def main() -> int:
     p.add_argument("--min-kb", type=int, default=1)
     p.add_argument("--max-mb", type=int, default=64)
     p.add_argument("--sample-ms", type=float, default=30.0, help="length of one timed sample")
+    p.add_argument("--json", action="store_true", help='print last one JSON object {"ratio": {"1 MB": r, ...}}, '
+                   "r = raw MPI time / Horovod time on the first communicator of the tables (the group, or the world)")
     args = p.parse_args()
 
     from mpi4py import MPI  # initialised by build_topology (thread level multiple, yield when idle)
@@ -150,6 +152,14 @@ def main() -> int:
             print(f"\n## {name} ({comm.Get_size()} ranks): raw MPI vs Horovod on this communicator")
             print(table(["size", "MPI us", "MPI GB/s", "Horovod us", "Horovod GB/s", "Horovod/MPI",
                          "best MPI us", "best Horovod us", "best Horovod/MPI"], rows))
+        if args.json:
+            import json
+
+            name = comms[0][0]
+            print(json.dumps({"ratio": {human_bytes(n): round(median(results[(name, n)]["mpi"]) /
+                                                           median(results[(name, n)]["hvd"]), 3) for n in sizes},
+                              "communicator": name, "horovod_env": {k: v for k, v in sorted(os.environ.items())
+                                                                    if k.startswith("HOROVOD_")}}))
     return 0
 
 

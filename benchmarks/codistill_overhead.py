@@ -105,6 +105,9 @@ def main() -> int:
     p.add_argument("--designs", default="sync,control,codistill")
     p.add_argument("--data-dir", default=os.environ.get("HPCDISTILL_DATA_DIR", "datasets"))
     p.add_argument("--keep", action="store_true", help="keep the run directories")
+    p.add_argument("--exchange-every", type=int, default=None, help="HPCDISTILL_EXCHANGE_EVERY (default: the default)")
+    p.add_argument("--json", action="store_true", help='print last one JSON object {"codistill_over_sync": x, '
+                   '"exchange_share_of_wall": y} (x: median step time ratio, y: a fraction)')
     args = p.parse_args()
     data_dir = Path(args.data_dir).resolve()
     if not (data_dir / args.dataset / "train.h5").exists():
@@ -117,7 +120,8 @@ def main() -> int:
     Path("runs").mkdir(exist_ok=True)
     root = Path(tempfile.mkdtemp(prefix="bench-codistill-", dir=Path("runs").resolve()))
     common = dict(HPCDISTILL_DATA_DIR=data_dir, HPCDISTILL_DATASET=args.dataset, HPCDISTILL_STEPS=args.steps,
-                  HPCDISTILL_RESUME="never", **({"HPCDISTILL_MODEL": args.model} if args.model else {}))
+                  HPCDISTILL_RESUME="never", **({"HPCDISTILL_MODEL": args.model} if args.model else {}),
+                  **({"HPCDISTILL_EXCHANGE_EVERY": args.exchange_every} if args.exchange_every else {}))
     designs = args.designs.split(",")
     res = {d: {"intervals": [], "span": [], "wall": [], "acc": []} for d in designs}
     ex = {"seconds": [], "share_wall": [], "share_loop": [], "published": [], "loaded": []}
@@ -158,7 +162,8 @@ def main() -> int:
         rows.append([DESIGNS[d], f"{med * 1e3:.2f}", f"{med / b_med:.2f}", f"{span * 1e3:.2f}", f"{span / b_span:.2f}",
                      f"{median(r['wall']):.1f}", f"{median(r['acc']):.4f}"])
     print(f"# codistill overhead: `hpcdistill train` on {args.dataset} ({args.model or 'default model'}), "
-          f"{args.steps} steps, default settings (exchange every {defaults.exchange_every}, burn-in {burn_in}, "
+          f"{args.steps} steps, default settings (exchange every {args.exchange_every or defaults.exchange_every}, "
+          f"burn-in {burn_in}, "
           f"eval every {defaults.eval_every}, checkpoint every {defaults.checkpoint_every}, log every "
           f"{defaults.log_every}, batch {defaults.batch_size})")
     print(f"# {machine(2)}")
@@ -173,6 +178,15 @@ def main() -> int:
                     [[f"{median(ex['seconds']):.3f}", f"{median(ex['share_wall']) * 100:.2f} %",
                       f"{median(ex['share_loop']) * 100:.2f} %", f"{median(ex['published']):.0f}",
                       f"{median(ex['loaded']):.0f}"]]))
+    if args.json:
+        out = {}
+        for design in ("codistill", "control"):
+            if design in res and "sync" in res:
+                ratio = median(res[design]["intervals"]) / median(res["sync"]["intervals"])
+                out[f"{design}_over_sync"] = round(ratio, 3)
+        if ex["share_wall"]:
+            out["exchange_share_of_wall"] = round(median(ex["share_wall"]), 5)
+        print(json.dumps(out))
     return 0
 
 

@@ -35,10 +35,13 @@ def cmd_config(args) -> int:
     if args.env:
         print(settings_env(settings, kind), end="")
         return 0
+    from hpcdistill.comm.horovod_env import effective, latency_patched
+
     rows = describe(settings, kind)
+    horovod = effective()
     if args.json:
         import json
-        print(json.dumps(rows, indent=2))
+        print(json.dumps(rows + [{**r, "default": ""} for r in horovod], indent=2))
         return 0
     width = max(len(r["variable"]) for r in rows)
     vwidth = min(28, max(len(r["value"]) for r in rows))
@@ -46,6 +49,11 @@ def cmd_config(args) -> int:
     for r in rows:
         default = f"[default {r['default']}] " if r["default"] not in ("", r["value"]) else ""
         print(f"{r['variable']:<{width}}  {r['value']:<{vwidth}}  {r['source']:<11}  {default}{r['meaning']}")
+    patch = {True: "with", False: "without", None: "not installed:"}[latency_patched()]
+    print(f"\nHorovod ({patch} scripts/horovod-latency.patch), as training sets it (a HOROVOD_* variable you "
+          "set wins):")
+    for r in horovod:
+        print(f"{r['variable']:<{width}}  {r['value']:<{vwidth}}  {r['source']:<15}  {r['meaning']}")
     return 0
 
 

@@ -108,17 +108,24 @@ class Exchange:
     def _group_dir(self, group: int) -> Path:
         return self.directory / f"group-{group}"
 
-    def publish(self, step: int, model, *, arch: dict, health: dict) -> Path:
-        """Write this group's model at `step`, then delete this group's files beyond the newest `keep`.
-
-        `health` (e.g. {"train_loss": ..., "initial_loss": ...}) lets peers refuse a diverged teacher;
-        "finite" is added here from the weights themselves.
-        """
+    def snapshot(self, step: int, model, *, arch: dict, health: dict) -> tuple[dict, dict]:
+        """This group's model at `step` as (arrays, meta) for `write`: a copy in host memory, so the
+        group trains on while the file is written. `health` (e.g. {"train_loss": ..., "initial_loss":
+        ...}) lets peers refuse a diverged teacher; "finite" is added here from the weights themselves."""
         arrays, meta = capture(model, step=step, arch=arch, rng=False,
                                meta={"group": self.group, "time": time.time(), "exchange_id": self.exchange_id})
         meta["health"] = {**health, "finite": _non_finite_key(arrays) is None}
+        return arrays, meta
+
+    def write(self, step: int, arrays: dict, meta: dict) -> Path:
+        """Write a snapshot as this group's file of `step`, then delete this group's files beyond the
+        newest `keep` (any thread: the file appears whole, by rename)."""
         (self._group_dir(self.group) / GONE).unlink(missing_ok=True)  # publishing again (resumed)
         return self._own.save(step, arrays, meta)
+
+    def publish(self, step: int, model, *, arch: dict, health: dict) -> Path:
+        """snapshot + write, in the calling thread."""
+        return self.write(step, *self.snapshot(step, model, arch=arch, health=health))
 
     def peers(self) -> list[int]:
         return [g for g in range(self.num_groups) if g != self.group]

@@ -10,6 +10,7 @@ Teachers run forward only, in eval mode, without gradients.
 from __future__ import annotations
 
 import json
+import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -113,9 +114,18 @@ class NoTeachers:
 class _Teachers(NoTeachers):
     models: list[torch.nn.Module]
 
-    @torch.no_grad()
     def logits(self, x: torch.Tensor) -> list[torch.Tensor]:
-        return [m(x) for m in self.models]
+        return forward(self.models, x)
+
+
+def forward(models: list[torch.nn.Module], x: torch.Tensor) -> list[torch.Tensor]:
+    """The teachers' logits for `x`, computed in inference mode (no autograd graph, no version counters
+    or view tracking) and cloned out of it, so the loss may save them for its backward pass."""
+    if not models:
+        return []
+    with torch.inference_mode():
+        out = [m(x) for m in models]
+    return [v.clone() for v in out]
 
 
 class _CodistillSection:
@@ -162,9 +172,10 @@ class _CodistillSection:
             "peers_per_exchange": peer[0]["peers_per_exchange"] if peer else 0,
             "ensemble_test_accuracy": ensemble_accuracy(probs, labels),
             "churn": mean_pairwise_churn(probs), "churn_samples": int(len(labels)),
+            "teachers_prefetched": total("teachers_prefetched"),
             "groups": [{"group": p["group"], **{k: t[k] for k in ("steps_without_teacher", "teachers_loaded",
                                                                  "teachers_rejected_by_reason", "last_loaded",
-                                                                 "exchange_bytes_read")}}
+                                                                 "exchange_bytes_read", "teacher_digests")}}
                        for p, t in zip(parts, (q["codistill"]["teachers"] for q in parts)) if t],
         }}
 
@@ -183,6 +194,75 @@ def peer_rotation(peers: list[int], k: int, exchange: int, *, seed: int, group: 
     order = [peers[i] for i in np.random.default_rng([seed, group, 0xC0D15]).permutation(len(peers))]
     start = (exchange * k) % len(order)
     return order[start:] + order[:start]
+
+
+class Prefetcher:
+    """The leader's background reader of peer files: after each exchange it looks for files newer than
+    the teachers in hand (a directory listing per peer every `poll` seconds, a fifth of the last
+    exchange interval within 0.05-2 s, until each wanted peer has one),
+    reads and verifies the newest (`find`), and keeps it until the next exchange step, where the group
+    switches to it (every rank at that step: the broadcast stays matched). The read, the checksum and
+    the checks leave the loop; the broadcast and the rebuild stay in it."""
+
+    def __init__(self, find, newest_step, poll: float = 0.5):
+        self._find, self._newest, self.poll = find, newest_step, poll
+        self._cv = threading.Condition()
+        self._wanted: dict[int, int | None] = {}   # peer -> step of the teacher in hand (None: none)
+        self._ready: dict[int, object] = {}        # peer -> PeerCheckpoint found since the last take
+        self._step = 0
+        self._closed = False
+        self.seconds = 0.0
+        self._thread = threading.Thread(target=self._run, name="hpcdistill prefetch", daemon=True)
+        self._thread.start()
+
+    def want(self, have: dict[int, int | None], step: int, interval: float | None = None) -> None:
+        """Look for files newer than `have` (peer -> step in hand) from now on; `step` is the loop's,
+        `interval` the seconds between its last two exchanges."""
+        with self._cv:
+            if interval:
+                self.poll = min(2.0, max(0.05, interval / 5))
+            self._wanted = dict(have)
+            self._ready = {p: f for p, f in self._ready.items() if p in have and
+                           (have[p] is None or f.step > have[p])}
+            self._step = step
+            self._cv.notify_all()
+
+    def take(self, peer: int):
+        """The newest file read for `peer` since the last `want`, or None (never blocks)."""
+        with self._cv:
+            return self._ready.pop(peer, None)
+
+    def close(self) -> None:
+        with self._cv:
+            self._closed = True
+            self._cv.notify_all()
+        self._thread.join(timeout=30)
+
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                self._cv.wait_for(lambda: self._closed or self._missing())
+                if self._closed:
+                    return
+                todo = {p: h for p, h in self._wanted.items() if p not in self._ready}
+                step = self._step
+            t = time.perf_counter()
+            for peer, have in todo.items():
+                newest = self._newest(peer)
+                if newest is None or (have is not None and newest <= have):
+                    continue
+                found = self._find(peer, max(step, newest), have)
+                if found is not None:
+                    with self._cv:
+                        if self._wanted.get(peer, -1) == have:  # not superseded meanwhile
+                            self._ready[peer] = found
+            self.seconds += time.perf_counter() - t
+            with self._cv:
+                if self._missing():
+                    self._cv.wait(self.poll)
+
+    def _missing(self) -> bool:
+        return any(p not in self._ready for p in self._wanted)
 
 
 class PeerTeachers(_CodistillSection, _Teachers):
@@ -205,11 +285,13 @@ class PeerTeachers(_CodistillSection, _Teachers):
                  device, max_staleness: int, policy: str = "drop", wait_timeout: float = 60.0,
                  exchange_id: str | None = None, stop=lambda: False, exchange_every: int = 50, burn_in: int = 0,
                  data_split: str = "disjoint", records: dict[int, dict | None] | None = None,
-                 factories: dict[str, str] | None = None, k: int | None = None, seed: int = 0):
+                 factories: dict[str, str] | None = None, k: int | None = None, seed: int = 0, writer=None,
+                 prefetch: bool = True):
         _CodistillSection.__init__(self, target="peers", data_split=data_split, stale_policy=policy,
                                    exchange_id=exchange_id)
         self.comm, self.spec, self.arch, self.device = comm, spec, arch, device
         self.group, self.seed = group, seed
+        self.writer = writer  # a BackgroundWriter: files are written off the loop (None: in the loop)
         self.exchange_every, self.burn_in = exchange_every, burn_in
         self.leader = comm.Get_rank() == 0
         self.max_staleness, self.policy, self.wait_timeout = max_staleness, policy, wait_timeout
@@ -236,15 +318,27 @@ class PeerTeachers(_CodistillSection, _Teachers):
         self.last_loaded: dict[int, int] = {}  # peer -> step of the newest teacher loaded from it
         self._missing_said: set[int] = set()
         self._named: set[tuple[int, str]] = set()
+        self._io = threading.RLock()  # the exchange's reader state and the record cache: loop and prefetcher
+        self.prefetched = 0  # teachers that came from the prefetcher (read off the loop)
+        self.prefetcher = Prefetcher(self._find_quiet, self.exchange.newest_step) \
+            if prefetch and self.leader else None
 
     @property
     def models(self) -> list[torch.nn.Module]:
         return [m for _, m, _ in self.current.values()]
 
     def publish(self, step: int, model, health: dict, final: bool = False) -> None:
+        """The leader snapshots the model (what the group waits for) and hands the file to the writer;
+        the final publication is waited for."""
         if self.leader:
             t = time.perf_counter()
-            self.exchange.publish(step, model, arch=self.arch, health={**health, "final": final})
+            arrays, meta = self.exchange.snapshot(step, model, arch=self.arch, health={**health, "final": final})
+            if self.writer is None:
+                self.exchange.write(step, arrays, meta)
+            else:
+                self.writer.submit("exchange", lambda: self.exchange.write(step, arrays, meta))
+                if final:
+                    self.writer.flush()
             self.publish_seconds += time.perf_counter() - t
             self.published += 1
 
@@ -258,15 +352,40 @@ class PeerTeachers(_CodistillSection, _Teachers):
             self.refresh(step, burn_in=self.burn_in, rotate=exchange_step or not self.selected)
 
     def on_stop(self, step: int, why: str) -> None:
+        self.close()
         self.leave(f"{why} at step {step}")
 
     def on_end(self, step: int, model, health: dict) -> None:
+        self.close()
         self.publish(step, model, health, final=True)
+        self.digests = self._digests()
+
+    def close(self) -> None:
+        if self.prefetcher is not None:
+            self.prefetcher.close()
+            self.prefetcher = None
+
+    def _digests(self) -> list[str]:
+        """Every rank's digest of the teachers it holds, gathered in the group (collective in comm):
+        teachers switched from the prefetcher must be the same on every rank."""
+        import hashlib
+
+        h = hashlib.sha256()
+        for peer in sorted(self.current):
+            step, model, _ = self.current[peer]
+            h.update(f"{peer}:{step};".encode())
+            for key, value in model.state_dict().items():
+                h.update(key.encode())
+                h.update(value.detach().cpu().contiguous().numpy().tobytes())
+        return self.comm.allgather(h.hexdigest()[:16])
 
     def leave(self, reason: str) -> None:
         """This group publishes nothing more for now (it diverged, or stopped on a signal and will
-        resume): its peers stop waiting for it. Publishing again clears the mark."""
+        resume): its peers stop waiting for it. Publishing again clears the mark, so a publication
+        still being written is finished first."""
         if self.leader:
+            if self.writer is not None:
+                self.writer.flush()
             self.exchange.mark_gone(reason)
 
     def due(self, step: int) -> bool:
@@ -287,11 +406,20 @@ class PeerTeachers(_CodistillSection, _Teachers):
             have = self.current.get(peer)
             found = None
             if self.leader:
-                found = self._find(peer, step, newer_than=have[0] if have else None)
+                found = self.prefetcher.take(peer) if self.prefetcher else None
+                if found is not None and step - found.step <= self.max_staleness:
+                    self.prefetched += 1
+                else:  # nothing read ahead (a new peer, burn-in, a stale teacher): read it now
+                    found = self._find(peer, step, newer_than=have[0] if have else None)
             self._receive(peer, found)
             if peer not in self.current and step >= burn_in:
                 self._missing(peer, step)
         self._enforce_staleness(step)
+        if self.prefetcher:  # read the next files while the group trains
+            now = time.monotonic()
+            interval, self._last_refresh = now - getattr(self, "_last_refresh", now), now
+            self.prefetcher.want({p: self.current[p][0] if p in self.current else None for p in self.selected}, step,
+                                 interval)
         self.load_seconds += time.perf_counter() - t - (self.wait_seconds - waited)
 
     def _choose(self, step: int) -> None:
@@ -313,6 +441,10 @@ class PeerTeachers(_CodistillSection, _Teachers):
             del self.current[peer]
 
     def _peer_model(self, peer: int, record) -> tuple[ModelSpec, dict]:
+        with self._io:
+            return self._peer_model_locked(peer, record)
+
+    def _peer_model_locked(self, peer: int, record) -> tuple[ModelSpec, dict]:
         """(spec, manifest) of the model a peer's record describes, if this group accepts it: the record
         HPCDISTILL_GROUP_MODELS (or this job's model) fixes for that group, or, for a group of another
         job with its own HPCDISTILL_MODEL, any record of an allowed factory (this job's, GROUP_MODELS',
@@ -376,12 +508,20 @@ class PeerTeachers(_CodistillSection, _Teachers):
 
     def _find(self, peer: int, step: int, newer_than: int | None):
         oldest = max(0, step - self.max_staleness, -1 if newer_than is None else newer_than + 1)
-        found, rejections = self.exchange.freshest(
-            peer, expect=lambda meta: self._peer_model(peer, meta.get("arch"))[1], min_step=oldest)
-        for path, code, reason in rejections:
-            self.rejected_by_reason[code] += 1
-            log.warning("refused teacher %s (%s): %s", path, code, reason)
+        with self._io:
+            found, rejections = self.exchange.freshest(
+                peer, expect=lambda meta: self._peer_model(peer, meta.get("arch"))[1], min_step=oldest)
+            for path, code, reason in rejections:
+                self.rejected_by_reason[code] += 1
+                log.warning("refused teacher %s (%s): %s", path, code, reason)
         return found
+
+    def _find_quiet(self, peer: int, step: int, newer_than: int | None):
+        """_find for the prefetcher: a failure to read is the loop's next synchronous read's to report."""
+        try:
+            return self._find(peer, step, newer_than)
+        except Exception:  # noqa: BLE001 - the loop reads it again itself
+            return None
 
     def _enforce_staleness(self, step: int) -> None:
         for peer, (peer_step, _, final) in list(self.current.items()):
@@ -445,6 +585,7 @@ class PeerTeachers(_CodistillSection, _Teachers):
             "teachers_dropped": self.dropped, "stale_waits": self.waits, "stale_wait_seconds": self.wait_seconds,
             "exchanges": self.exchanges, "exchange_bytes_read": self.exchange.bytes_read if self.leader else 0,
             "peers_per_exchange": self.k, "last_loaded": {str(p): s for p, s in sorted(self.last_loaded.items())},
+            "teachers_prefetched": self.prefetched, "teacher_digests": getattr(self, "digests", []),
         }
 
 

@@ -45,6 +45,10 @@ def test_two_groups_codistill_on_four_ranks(tmp_path, data_dir):
     assert c["exchanges_published"] == 2 * (300 // 25 + 1)  # every 25 steps, plus the final model
     assert c["teachers_loaded"] >= 4 and c["teachers_rejected"] == 0
     assert 0 <= c["teacher_staleness"]["max"] <= 100
+    # teachers read ahead by the leader's prefetcher are the same on both ranks of each group
+    for g in c["groups"]:
+        assert len(g["teacher_digests"]) == 2 and len(set(g["teacher_digests"])) == 1, g
+    assert c["teachers_prefetched"] >= 1, c
 
     for g in (0, 1):  # the distillation term is exactly zero during burn-in and active after it
         recs = [m for m in metrics(run, f"metrics-g{g}.jsonl") if "distill_loss" in m]

@@ -119,3 +119,52 @@ def test_a_stop_signal_cuts_a_stale_teacher_wait_short(tmp_path, data_dir):
         assert list((run / "checkpoints" / f"group-{g}").glob("step-*.h5")), g
     gone = json.loads((run / "exchange" / "group-0" / "gone.json").read_text())
     assert "stopped by SIGUSR2" in gone["reason"] and "resumes later" in gone["reason"]
+
+
+# Checkpoint and exchange files of ~9 MB (a 1024 x 1024 mlp and its momentum) at every step: a background
+# write is nearly always in flight when the signal or the kill comes.
+HEAVY = dict(mode="codistill", groups=2, model="mlp", model_args='{"hidden": [1024, 1024]}', steps=3000,
+             checkpoint_every=1, exchange_every=1, burn_in=1, log_every=10, eval_every=100000)
+
+
+def _all_whole(run: Path) -> int:
+    """Every step-*.h5 of the run's checkpoints and exchange reads back verified; their count."""
+    from hpcdistill.checkpoints import read_h5
+
+    files = sorted(run.glob("checkpoints/group-*/step-*.h5")) + sorted(run.glob("exchange/group-*/step-*.h5"))
+    for f in files:
+        read_h5(f)  # raises CheckpointError on a partial or damaged file
+    return len(files)
+
+
+def test_a_stop_signal_with_writes_in_flight_leaves_a_valid_stop_checkpoint(tmp_path, data_dir):
+    run = tmp_path / "run"
+    proc = start(run, data_dir=data_dir, resume="auto", **HEAVY)
+    wait_for(run / "checkpoints" / "group-1" / "step-00000020.h5", proc)
+    proc.send_signal(signal.SIGUSR2)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 75, out[-3000:]
+    stops = {int(line.split("[g", 1)[1].split(" ", 1)[0]): int(line.rsplit("step ", 1)[1].split(";")[0])
+             for line in out.splitlines() if "checkpoint written at step" in line}
+    assert sorted(stops) == [0, 1], out[-3000:]
+    from hpcdistill.checkpoints import numbered_files
+
+    for g in (0, 1):  # each group's stop checkpoint itself is on disk, whole
+        newest = numbered_files(run / "checkpoints" / f"group-{g}")[0][0]
+        assert newest == stops[g], (g, newest, stops)
+    assert _all_whole(run) >= 4
+
+
+def test_a_crash_during_background_writes_leaves_no_partial_file(tmp_path, data_dir):
+    run = tmp_path / "run"
+    proc = start(run, data_dir=data_dir, resume="auto", **HEAVY)
+    wait_for(run / "checkpoints" / "group-0" / "step-00000030.h5", proc)
+    time.sleep(0.37)
+    leader = subprocess.run(["ps", "-o", "pid=", "--ppid", str(proc.pid)], capture_output=True, text=True)
+    for pid in map(int, leader.stdout.split()):  # kill -9 every rank: writes die mid-file
+        os.kill(pid, signal.SIGKILL)
+    proc.communicate(timeout=120)
+    assert _all_whole(run) >= 4  # only whole files are visible (temporaries are hidden and ignored)
+    resumed = train(2, run, resume="auto", data_dir=data_dir, **{**HEAVY, "steps": 60})
+    assert "resuming from" in resumed.stdout + resumed.stderr
+    assert summary(run)["steps"] == 60

@@ -115,7 +115,7 @@ def write_h5(path, arrays: dict, meta: dict) -> Path:
         # and attributes larger than 64 KiB (big meta) are allowed.
         with h5py.File(tmp, "w", libver="v108") as f:
             for key, a, torch_dtype in items:
-                ds = f.create_dataset(key, data=a)
+                ds = _write_dataset(f, key, a)
                 if torch_dtype is not None:
                     ds.attrs["torch_dtype"] = np.bytes_(torch_dtype.encode())
             f.attrs["format"] = np.bytes_(FORMAT.encode())
@@ -124,6 +124,22 @@ def write_h5(path, arrays: dict, meta: dict) -> Path:
             f.attrs["sha256"] = np.bytes_(_digest(items, meta_json).encode())
             f.flush()
     return path
+
+
+WRITE_BLOCK = 16 * 2**20  # bytes per h5py call when writing: h5py holds its global lock for a call
+
+
+def _write_dataset(f, key: str, a: np.ndarray):
+    """A contiguous dataset written in pieces of about WRITE_BLOCK bytes (whole rows): a background
+    write of a large model then releases h5py's lock between pieces, so the loop's own HDF5 reads
+    (the input pipeline, teacher files) wait for one piece, not for the whole array."""
+    if a.ndim == 0 or a.nbytes <= WRITE_BLOCK or a.shape[0] == 1:
+        return f.create_dataset(key, data=a)
+    ds = f.create_dataset(key, shape=a.shape, dtype=a.dtype)
+    rows = max(1, WRITE_BLOCK // max(1, a[0].nbytes))
+    for i in range(0, a.shape[0], rows):
+        ds[i:i + rows] = a[i:i + rows]
+    return ds
 
 
 def _text(value, what: str, path: Path) -> str:

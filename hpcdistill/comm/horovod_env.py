@@ -33,6 +33,9 @@ KNOBS: dict[str, tuple[str, str | None, str | None, str]] = {
 }
 
 
+_SET_HERE: set[str] = set()  # variables apply_defaults set in this process (their source is hpcdistill)
+
+
 @lru_cache(maxsize=1)
 def latency_patched() -> bool | None:
     """Whether the installed Horovod carries scripts/horovod-latency.patch (None: no Horovod)."""
@@ -63,7 +66,7 @@ def effective(env=None) -> list[dict]:
             continue
         ours = with_patch if patched else without_patch
         if env.get(var, "") != "":
-            value, source = env[var], "environment"
+            value, source = env[var], "hpcdistill" if var in _SET_HERE and env[var] == ours else "environment"
         elif ours is not None:
             value, source = ours, "hpcdistill"
         else:
@@ -77,6 +80,7 @@ def apply_defaults(env=None) -> dict[str, str]:
     env = os.environ if env is None else env
     set_here = {}
     for row in effective(env):
-        if row["source"] == "hpcdistill":
+        if row["source"] == "hpcdistill" and row["variable"] not in env:
             env[row["variable"]] = set_here[row["variable"]] = row["value"]
+            _SET_HERE.add(row["variable"])
     return set_here

@@ -126,5 +126,8 @@ def init_horovod(group_comm):
     """
     import horovod.torch as hvd
 
+    from hpcdistill.comm.horovod_env import apply_defaults
+
+    apply_defaults()  # tuned knobs where the user set no HOROVOD_* variable (comm/horovod_env.py)
     hvd.init(comm=group_comm)
     return hvd.global_process_set

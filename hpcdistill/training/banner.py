@@ -7,10 +7,10 @@ import os
 import torch
 
 from hpcdistill import __version__
+from hpcdistill.comm.horovod_env import effective, latency_patched
 from hpcdistill.models import count_parameters
 
-HOROVOD_KNOBS = ("HOROVOD_CYCLE_TIME", "HOROVOD_FUSION_THRESHOLD", "HOROVOD_CACHE_CAPACITY",
-                 "HOROVOD_GPU_OPERATIONS", "HOROVOD_CPU_OPERATIONS", "HOROVOD_HIERARCHICAL_ALLREDUCE")
+OTHER_HOROVOD_KNOBS = ("HOROVOD_GPU_OPERATIONS", "HOROVOD_CPU_OPERATIONS", "HOROVOD_HIERARCHICAL_ALLREDUCE")
 MODE_SETTINGS = {  # the settings worth a line in each mode's banner
     "codistill": ("groups", "group_mode", "exchange_dir", "exchange_every", "max_staleness", "stale_policy",
                   "burn_in", "distill_weight", "temperature", "codistill_target", "data_split"),
@@ -24,7 +24,8 @@ def banner(s, topo, comm, spec, model, data, run_id: str, run_dir) -> str:
     device = topo.device
     where = (f"{device} ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else
              f"cpu, {torch.get_num_threads()} thread(s)")
-    knobs = {k: os.environ[k] for k in HOROVOD_KNOBS if k in os.environ}
+    knobs = [f"{r['variable']}={r['value']} ({r['source']})" for r in effective()]
+    knobs += [f"{k}={os.environ[k]} (environment)" for k in OTHER_HOROVOD_KNOBS if k in os.environ]
     mode = [f"{k}={getattr(s, k)}" for k in MODE_SETTINGS.get(s.mode, ()) if getattr(s, k) is not None]
     if s.group_mode == "async" and s.mode == "codistill":
         mode += [f"{k}={getattr(s, k)}" for k in MODE_SETTINGS["async"] if getattr(s, k) is not None]
@@ -37,7 +38,7 @@ def banner(s, topo, comm, spec, model, data, run_id: str, run_dir) -> str:
         f"train/val/test {data.sizes['train']}/{data.sizes['val']}/{data.sizes['test']}",
         f"steps {s.steps}, batch {s.batch_size} per rank, seed {s.seed}, loader workers {s.loader_workers}"
         + (f"; {', '.join(mode)}" if mode else ""),
-        "Horovod: " + (", ".join(f"{k}={v}" for k, v in knobs.items()) if knobs else "library defaults")
+        f"Horovod ({'with' if latency_patched() else 'without'} the latency patch): " + ", ".join(knobs)
         + ("" if not s.uses_async or s.mode == "codistill" else " (not used: async)"),
     ]
     return "\n    ".join(["start:"] + lines)

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from hpcdistill.atomic import atomic_path
+from hpcdistill.background import BackgroundWriter
 from hpcdistill.checkpoints import CheckpointError, CheckpointManager, capture, restore
 from hpcdistill.claims import claim_dirs
 from hpcdistill.comm.broadcast import bcast_tree
@@ -133,6 +134,7 @@ class Trainer:
         self.s = s = settings
         self.t0 = time.time()
         self.stop = StopSignal()
+        self.writer = BackgroundWriter()  # checkpoint and exchange files are written off the loop
         self.topo = topo = build_topology(s.local_group_count, offset=s.first_group, num_groups=s.num_groups,
                                           horovod=not s.uses_async)
         s.check_world(topo.size)
@@ -162,7 +164,8 @@ class Trainer:
         torch.manual_seed(s.seed * 1000 + 7919 * (topo.rank + 1))  # per-rank stream (dropout)
         self.teachers = compose.make_teachers(s, comm=self.comm, topo=topo, spec=self.spec, arch=self.arch,
                                               data_kind=self.data.kind, run_dir=self.run_dir,
-                                              exchange_id=self.exchange_id, stop=lambda: self.stop.requested)
+                                              exchange_id=self.exchange_id, stop=lambda: self.stop.requested,
+                                              writer=self.writer)
         self.objective = compose.make_objective(s, self.data.num_classes, self.teachers)
         self.reader = TrainStream(
             self.data, batch_size=s.batch_size, rank=self.comm.Get_rank(), size=self.comm.Get_size(),
@@ -216,7 +219,7 @@ class Trainer:
         arrays, meta = capture(model, self.optimizer, step=step, data_state=self.reader.state(), arch=self.arch,
                                extra={"rng": rngs, **extra}, rng=False,
                                meta={"mode": self.s.mode, "group": self.topo.group, "run_id": self.run_id})
-        self.ckpts.save(step, arrays, meta)
+        self.writer.submit("checkpoint", lambda: self.ckpts.save(step, arrays, meta))  # a copy: training goes on
 
     def _evaluate(self, split: str) -> dict | None:
         """Collective in the updater's eval_comm, or the writer alone (None elsewhere)."""
@@ -249,6 +252,7 @@ class Trainer:
         stopped = diverged = False
         while step < s.steps:
             t_step = time.perf_counter()
+            self.writer.check()  # a background write that failed stops the run here, naming the file
             x, y = self.reader.next_batch()
             lr = lr_at(step, self.peak_lr, s.warmup_steps, s.steps)
             parts = self.updater.step(self.model, lambda: self.objective(self.model, x, y, step), lr)
@@ -325,6 +329,7 @@ class Trainer:
         Returns the exit status, the same on every rank: 3 when a group diverged, 75 (EX_TEMPFAIL:
         resume me) when the run stopped on a signal with its checkpoints written, else 0."""
         topo = self.topo
+        self.writer.close()  # every checkpoint and exchange file on disk before anyone is told the run ended
         self.updater.close()
         polite_barrier(topo.world)
         for claim in self.claims:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from hpcdistill import losses
+from hpcdistill.teachers import forward as teachers_forward
 
 
 class Objective:
@@ -48,8 +49,7 @@ class Objective:
             distill = losses.distillation_loss(z, target, T) if a > 0 else z.new_zeros(())
             loss = task + a * distill
             return loss, {"loss": loss.item(), "task_loss": task.item(), "distill_loss": distill.item()}
-        with torch.no_grad():
-            peers = [m(x) for m in self.teachers.teachers_for(step)] if a > 0 else []
+        peers = teachers_forward(self.teachers.teachers_for(step), x) if a > 0 else []
         loss, task, distill = losses.codistill_loss(z, y, peers, temperature=T, alpha=a)
         return loss, {"loss": loss.item(), "task_loss": task.item(), "distill_loss": distill.item(),
                       "teachers": len(peers)}
