@@ -181,13 +181,19 @@ def live_member(exchange_dir: Path, holder: dict) -> dict | None:
 
 
 def _alive(pid: int) -> bool:
+    """The process exists and is not a zombie (killed, not yet reaped: in a container whose init does
+    not reap, a killed holder stays a zombie for good)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
 
 
 def _who(holder: dict) -> str:

@@ -415,11 +415,12 @@ class PeerTeachers(_CodistillSection, _Teachers):
             if peer not in self.current and step >= burn_in:
                 self._missing(peer, step)
         self._enforce_staleness(step)
-        if self.prefetcher:  # read the next files while the group trains
+        if self.prefetcher:  # read the next exchange's files while the group trains
             now = time.monotonic()
             interval, self._last_refresh = now - getattr(self, "_last_refresh", now), now
-            self.prefetcher.want({p: self.current[p][0] if p in self.current else None for p in self.selected}, step,
-                                 interval)
+            nxt = self.selected if self.k == len(self.peers) else peer_rotation(
+                self.peers, self.k, step // self.exchange_every + 1, seed=self.seed, group=self.group)[:self.k]
+            self.prefetcher.want({p: self.current[p][0] if p in self.current else None for p in nxt}, step, interval)
         self.load_seconds += time.perf_counter() - t - (self.wait_seconds - waited)
 
     def _choose(self, step: int) -> None:

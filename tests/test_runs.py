@@ -127,6 +127,13 @@ HEAVY = dict(mode="codistill", groups=2, model="mlp", model_args='{"hidden": [10
              checkpoint_every=1, exchange_every=1, burn_in=1, log_every=10, eval_every=100000)
 
 
+def _running(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
 def _all_whole(run: Path) -> int:
     """Every step-*.h5 of the run's checkpoints and exchange reads back verified; their count."""
     from hpcdistill.checkpoints import read_h5
@@ -160,10 +167,15 @@ def test_a_crash_during_background_writes_leaves_no_partial_file(tmp_path, data_
     proc = start(run, data_dir=data_dir, resume="auto", **HEAVY)
     wait_for(run / "checkpoints" / "group-0" / "step-00000030.h5", proc)
     time.sleep(0.37)
-    leader = subprocess.run(["ps", "-o", "pid=", "--ppid", str(proc.pid)], capture_output=True, text=True)
-    for pid in map(int, leader.stdout.split()):  # kill -9 every rank: writes die mid-file
+    ranks = subprocess.run(["ps", "-o", "pid=", "--ppid", str(proc.pid)], capture_output=True, text=True)
+    pids = [int(p) for p in ranks.stdout.split()]
+    for pid in pids:  # kill -9 every rank: writes die mid-file
         os.kill(pid, signal.SIGKILL)
     proc.communicate(timeout=120)
+    deadline = time.monotonic() + 60  # a rank inside fsync dies when the disk lets it go
+    while any(_running(pid) for pid in pids):
+        assert time.monotonic() < deadline, "killed ranks still running"
+        time.sleep(0.1)
     assert _all_whole(run) >= 4  # only whole files are visible (temporaries are hidden and ignored)
     resumed = train(2, run, resume="auto", data_dir=data_dir, **{**HEAVY, "steps": 60})
     assert "resuming from" in resumed.stdout + resumed.stderr
