@@ -53,9 +53,12 @@ def _horovod_checks(world) -> list[Check]:
 
     size, rank = world.Get_size(), world.Get_rank()
     topo = build_topology(2 if size >= 2 and size % 2 == 0 else 1)
+    from hpcdistill.comm.horovod_env import latency_patched
+
+    patch = "yes" if latency_patched() else "no (a collective waits for the next cycle; HOROVOD_CYCLE_TIME=0.1 set)"
     build.detail = (f"horovod {horovod.__version__}, torch {torch.__version__}, MPI "
                     f"{'yes' if hvd.mpi_built() else 'no'}, Gloo {'yes' if hvd.gloo_built() else 'no'}, "
-                    f"MPI threads {'yes' if hvd.mpi_threads_supported() else 'no'}")
+                    f"MPI threads {'yes' if hvd.mpi_threads_supported() else 'no'}, latency patch {patch}")
     if not hvd.mpi_built():
         build.fail(build.detail, "rebuild Horovod with HOROVOD_WITH_MPI=1 (scripts/setup.sh does)")
     got = hvd.allreduce(torch.tensor([float(rank + 1)]), op=hvd.Sum, process_set=topo.process_set).item()
