@@ -114,12 +114,14 @@ class Exchange:
         ...}) lets peers refuse a diverged teacher; "finite" is added here from the weights themselves."""
         arrays, meta = capture(model, step=step, arch=arch, rng=False,
                                meta={"group": self.group, "time": time.time(), "exchange_id": self.exchange_id})
-        meta["health"] = {**health, "finite": _non_finite_key(arrays) is None}
+        meta["health"] = dict(health)
         return arrays, meta
 
     def write(self, step: int, arrays: dict, meta: dict) -> Path:
         """Write a snapshot as this group's file of `step`, then delete this group's files beyond the
-        newest `keep` (any thread: the file appears whole, by rename)."""
+        newest `keep` (any thread: the file appears whole, by rename). The health record gains
+        "finite" from the weights themselves here (0.7 ms of an mlp snapshot's 1 ms: off the loop)."""
+        meta["health"]["finite"] = _non_finite_key(arrays) is None
         (self._group_dir(self.group) / GONE).unlink(missing_ok=True)  # publishing again (resumed)
         return self._own.save(step, arrays, meta)
 

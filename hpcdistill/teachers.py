@@ -118,6 +118,21 @@ class _Teachers(NoTeachers):
         return forward(self.models, x)
 
 
+def _copy_into(tensors: dict, arrays: dict) -> None:
+    """New weights into a teacher's own tensors (same record, so the same names, shapes and dtypes,
+    which the leader checked against the file before reading it)."""
+    if tensors.keys() != arrays.keys():
+        raise ValueError(f"the file's tensors {sorted(arrays)[:3]}... are not the model's {sorted(tensors)[:3]}...")
+    with torch.no_grad():
+        for key, dst in tensors.items():
+            src = arrays[key]
+            src = src if isinstance(src, torch.Tensor) else torch.from_numpy(src)
+            if src.shape != dst.shape or src.dtype != dst.dtype:  # copy_ would broadcast or convert
+                raise ValueError(f"{key}: {tuple(src.shape)} {src.dtype} in the file, {tuple(dst.shape)} {dst.dtype} "
+                                 "in the model")
+            dst.copy_(src)
+
+
 def forward(models: list[torch.nn.Module], x: torch.Tensor) -> list[torch.Tensor]:
     """The teachers' logits for `x`, computed in inference mode (no autograd graph, no version counters
     or view tracking) and cloned out of it, so the loss may save them for its backward pass."""
@@ -166,6 +181,7 @@ class _CodistillSection:
                 "max": max((t["teacher_staleness"]["max"] for t in peer), default=0)},
             "steps_without_teacher": total("steps_without_teacher"),
             "exchange_seconds": sum(t["publish_seconds"] + t["load_seconds"] for t in peer),
+            "publish_seconds": total("publish_seconds"), "load_seconds": total("load_seconds"),
             "teachers_dropped": total("teachers_dropped"), "stale_waits": total("stale_waits"),
             "stale_wait_seconds": total("stale_wait_seconds"),
             "exchanges": total("exchanges"), "exchange_bytes_read": total("exchange_bytes_read"),
@@ -305,7 +321,7 @@ class PeerTeachers(_CodistillSection, _Teachers):
         self.records = {g: same for g in self.peers} if records is None else \
             {g: json.loads(json.dumps(r)) if r is not None else None for g, r in records.items()}
         self.factories = {spec.factory: spec.variable, **(factories or {})}
-        self._models: dict[str, tuple[ModelSpec, dict]] = {}  # record (JSON) -> (spec, manifest)
+        self._models: dict[tuple, tuple[ModelSpec, dict]] = {}  # (peer, record JSON) -> (spec, manifest)
         self.current: dict[int, tuple[int, torch.nn.Module, bool]] = {}  # peer -> (step, model, final)
         self.published = self.loaded = 0
         self.rejected_by_reason: Counter = Counter()
@@ -320,16 +336,23 @@ class PeerTeachers(_CodistillSection, _Teachers):
         self._named: set[tuple[int, str]] = set()
         self._io = threading.RLock()  # the exchange's reader state and the record cache: loop and prefetcher
         self.prefetched = 0  # teachers that came from the prefetcher (read off the loop)
+        self._record_of: dict[int, str] = {}  # peer -> the record (JSON) of the teacher module in hand
+        self._tensors: dict[int, dict] = {}     # peer -> that module's state_dict (its storage)
         self.prefetcher = Prefetcher(self._find_quiet, self.exchange.newest_step) \
             if prefetch and self.leader else None
+        if self.prefetcher:  # the first teachers too: read while burn-in trains
+            first = self.peers if self.k == len(self.peers) else peer_rotation(
+                self.peers, self.k, max(burn_in, 1) // exchange_every, seed=seed, group=group)[:self.k]
+            self.prefetcher.want({p: None for p in first}, 0)
 
     @property
     def models(self) -> list[torch.nn.Module]:
         return [m for _, m, _ in self.current.values()]
 
     def publish(self, step: int, model, health: dict, final: bool = False) -> None:
-        """The leader snapshots the model (what the group waits for) and hands the file to the writer;
-        the final publication is waited for."""
+        """The leader snapshots the model (what the group waits for) and hands the file to the writer.
+        The final publication is written while the group evaluates its final model; the loop waits
+        for it before the run ends (the writer's close in Trainer._finish)."""
         if self.leader:
             t = time.perf_counter()
             arrays, meta = self.exchange.snapshot(step, model, arch=self.arch, health={**health, "final": final})
@@ -337,8 +360,6 @@ class PeerTeachers(_CodistillSection, _Teachers):
                 self.exchange.write(step, arrays, meta)
             else:
                 self.writer.submit("exchange", lambda: self.exchange.write(step, arrays, meta))
-                if final:
-                    self.writer.flush()
             self.publish_seconds += time.perf_counter() - t
             self.published += 1
 
@@ -347,9 +368,13 @@ class PeerTeachers(_CodistillSection, _Teachers):
         whenever a teacher in use goes stale (collective in comm: every rank decides alike)."""
         exchange_step = step % self.exchange_every == 0
         if exchange_step or step == self.burn_in or (step > self.burn_in and self.due(step)):
+            # Refresh first, publish after: the writer thread's HDF5 calls hold the GIL, and started
+            # before the refresh they stalled it (load 0.29 s vs 0.05 s over 60 exchanges); after it,
+            # they overlap the next steps' torch kernels, which release the GIL.
+            self.refresh(step, burn_in=self.burn_in, rotate=exchange_step or not self.selected, read_ahead=False)
             if exchange_step:
                 self.publish(step, publishable(), health)
-            self.refresh(step, burn_in=self.burn_in, rotate=exchange_step or not self.selected)
+            self._read_ahead(step)  # after the snapshot too, for the same reason
 
     def on_stop(self, step: int, why: str) -> None:
         self.close()
@@ -394,7 +419,7 @@ class PeerTeachers(_CodistillSection, _Teachers):
         teachers, so all of them decide alike and the collective refresh stays matched."""
         return any(step - peer_step > self.max_staleness for peer_step, _, _ in self.current.values())
 
-    def refresh(self, step: int, burn_in: int = 0, rotate: bool = True) -> None:
+    def refresh(self, step: int, burn_in: int = 0, rotate: bool = True, read_ahead: bool = True) -> None:
         """Leader looks for fresher peer checkpoints; the group receives them (collective in comm).
         With k < G-1 and `rotate`, the k peers of this exchange are chosen first (see _choose)."""
         t, waited = time.perf_counter(), self.wait_seconds
@@ -409,19 +434,26 @@ class PeerTeachers(_CodistillSection, _Teachers):
                 found = self.prefetcher.take(peer) if self.prefetcher else None
                 if found is not None and step - found.step <= self.max_staleness:
                     self.prefetched += 1
-                else:  # nothing read ahead (a new peer, burn-in, a stale teacher): read it now
+                elif self.prefetcher is not None and have is not None and step - have[0] <= self.max_staleness:
+                    found = None  # keep the teacher in hand: the prefetcher brings the next one, off the loop
+                else:  # nothing read ahead and nothing usable in hand (a new peer, burn-in): read it now
                     found = self._find(peer, step, newer_than=have[0] if have else None)
             self._receive(peer, found)
             if peer not in self.current and step >= burn_in:
                 self._missing(peer, step)
         self._enforce_staleness(step)
-        if self.prefetcher:  # read the next exchange's files while the group trains
+        if read_ahead:
+            self._read_ahead(step)
+        self.load_seconds += time.perf_counter() - t - (self.wait_seconds - waited)
+
+    def _read_ahead(self, step: int) -> None:
+        """Have the prefetcher read the next exchange's files while the group trains."""
+        if self.prefetcher:
             now = time.monotonic()
             interval, self._last_refresh = now - getattr(self, "_last_refresh", now), now
             nxt = self.selected if self.k == len(self.peers) else peer_rotation(
                 self.peers, self.k, step // self.exchange_every + 1, seed=self.seed, group=self.group)[:self.k]
             self.prefetcher.want({p: self.current[p][0] if p in self.current else None for p in nxt}, step, interval)
-        self.load_seconds += time.perf_counter() - t - (self.wait_seconds - waited)
 
     def _choose(self, step: int) -> None:
         """This exchange's k peers, in `peer_rotation` order: those with a file fresh enough and not
@@ -442,15 +474,20 @@ class PeerTeachers(_CodistillSection, _Teachers):
             del self.current[peer]
 
     def _peer_model(self, peer: int, record) -> tuple[ModelSpec, dict]:
-        with self._io:
-            return self._peer_model_locked(peer, record)
-
-    def _peer_model_locked(self, peer: int, record) -> tuple[ModelSpec, dict]:
         """(spec, manifest) of the model a peer's record describes, if this group accepts it: the record
         HPCDISTILL_GROUP_MODELS (or this job's model) fixes for that group, or, for a group of another
         job with its own HPCDISTILL_MODEL, any record of an allowed factory (this job's, GROUP_MODELS',
-        built-ins) for the same inputs and classes. ModelError says why not."""
-        key = json.dumps(record, sort_keys=True, default=str)
+        built-ins) for the same inputs and classes. ModelError says why not. Accepted records are
+        cached per peer; a hit takes no lock (the prefetcher holds it while it reads a file: 2 ms a
+        refresh when the loop waited for it)."""
+        key = (peer, json.dumps(record, sort_keys=True, default=str))
+        hit = self._models.get(key)
+        if hit is not None:
+            return hit
+        with self._io:
+            return self._peer_model_locked(peer, record, key)
+
+    def _peer_model_locked(self, peer: int, record, key) -> tuple[ModelSpec, dict]:
         if key in self._models:
             return self._models[key]
         want = self.records.get(peer)
@@ -490,15 +527,23 @@ class PeerTeachers(_CodistillSection, _Teachers):
         arrays, meta = bcast_tree(self.comm, found.arrays if found else None, meta)
         if arrays is None:
             return
+        record = json.dumps(meta["arch"], sort_keys=True)
         try:
             spec = self._peer_model(peer, meta["arch"])[0]
-            model = _frozen(spec.build(self.arch["input_shape"], self.arch["num_classes"]),
-                            model_arrays(arrays), self.device)
+            if peer in self.current and self._record_of.get(peer) == record:  # the same model: new weights
+                model = self.current[peer][1]  # copied into its tensors (a rebuild and load_state_dict
+                _copy_into(self._tensors[peer], model_arrays(arrays))  # cost 0.6 and 0.5 ms; this 0.02)
+            else:
+                model = _frozen(spec.build(self.arch["input_shape"], self.arch["num_classes"]),
+                                model_arrays(arrays), self.device)
         except Exception as exc:  # noqa: BLE001 - nothing a peer's file holds may crash the group
             self.rejected_by_reason["architecture"] += 1
+            self.current.pop(peer, None)  # possibly half loaded
             if self.leader:
                 log.warning("refused teacher %s: does not load (%s: %s)", found.path, type(exc).__name__, exc)
             return
+        self._record_of[peer] = record
+        self._tensors[peer] = model.state_dict()  # the module's own storage, for the next copy
         if (spec.factory, spec.args) != (self.spec.factory, self.spec.args) and (peer, spec.name) not in self._named:
             self._named.add((peer, spec.name))  # another architecture: say so once
             if self.leader:

