@@ -127,6 +127,18 @@ HEAVY = dict(mode="codistill", groups=2, model="mlp", model_args='{"hidden": [10
              checkpoint_every=1, exchange_every=1, burn_in=1, log_every=10, eval_every=100000)
 
 
+def wait_for_step(directory: Path, step: int, proc: subprocess.Popen, seconds: float = 120) -> None:
+    """Until `directory` holds a checkpoint of `step` or later (with writes replacing waiting ones, no
+    particular step is sure to be written)."""
+    from hpcdistill.checkpoints import numbered_files
+
+    deadline = time.monotonic() + seconds
+    while not (numbered_files(directory) and numbered_files(directory)[0][0] >= step):
+        assert proc.poll() is None, proc.stdout.read()[-3000:]
+        assert time.monotonic() < deadline, f"no checkpoint of step {step} or later in {directory}"
+        time.sleep(0.1)
+
+
 def _running(pid: int) -> bool:
     try:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
@@ -147,7 +159,7 @@ def _all_whole(run: Path) -> int:
 def test_a_stop_signal_with_writes_in_flight_leaves_a_valid_stop_checkpoint(tmp_path, data_dir):
     run = tmp_path / "run"
     proc = start(run, data_dir=data_dir, resume="auto", **HEAVY)
-    wait_for(run / "checkpoints" / "group-1" / "step-00000020.h5", proc)
+    wait_for_step(run / "checkpoints" / "group-1", 20, proc)
     proc.send_signal(signal.SIGUSR2)
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 75, out[-3000:]
@@ -165,7 +177,7 @@ def test_a_stop_signal_with_writes_in_flight_leaves_a_valid_stop_checkpoint(tmp_
 def test_a_crash_during_background_writes_leaves_no_partial_file(tmp_path, data_dir):
     run = tmp_path / "run"
     proc = start(run, data_dir=data_dir, resume="auto", **HEAVY)
-    wait_for(run / "checkpoints" / "group-0" / "step-00000030.h5", proc)
+    wait_for_step(run / "checkpoints" / "group-0", 30, proc)
     time.sleep(0.37)
     ranks = subprocess.run(["ps", "-o", "pid=", "--ppid", str(proc.pid)], capture_output=True, text=True)
     pids = [int(p) for p in ranks.stdout.split()]
