@@ -195,6 +195,12 @@ class Settings(BaseSettings):
         "soft", description="soft targets at temperature T, or squared error between logits")
     omit_classes: str = Field(
         "", description="classes left out of the distill transfer set, separated by ':' or ',' (e.g. 3:5)")
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="auto: one GPU per local rank where CUDA is visible, else the CPU · cpu · cuda "
+                            "(exit 2 at start-up when no GPU is visible)")
+    precision: Literal["fp32", "bf16"] = Field(
+        "fp32", description="bf16: forward passes (the model's and the teachers') under bfloat16 autocast; "
+                            "losses and the distillation softmax in fp32")
     tensorboard: bool = Field(
         True, description="write TensorBoard event files to RUN_DIR/tensorboard/group-<g>/ (true · false)")
     csv: bool = Field(

@@ -55,6 +55,7 @@ def check_code(settings, *, need_data: bool = True) -> str | None:
 
 def check(settings) -> None:
     """Raise ConfigError, DataError or ModelError naming the variable and what to do."""
+    check_device(settings)
     check_code(settings)
     for name, path in (("HPCDISTILL_RUN_DIR", settings.run_dir), ("HPCDISTILL_EXCHANGE_DIR", settings.exchange_dir)):
         if path is not None:
@@ -64,6 +65,19 @@ def check(settings) -> None:
         if missing:
             raise ConfigError(f"HPCDISTILL_TEACHERS: no such file or directory: {', '.join(missing)}; give "
                               "checkpoint .h5 (.safetensors, .pt) files or finished run directories")
+
+
+def check_device(settings) -> None:
+    """HPCDISTILL_DEVICE=cuda needs a visible GPU; bf16 needs a device that computes it."""
+    from hpcdistill.comm.topology import cuda_visible
+
+    if settings.device == "cuda" and not cuda_visible():
+        built = torch.version.cuda
+        raise ConfigError(
+            "HPCDISTILL_DEVICE=cuda: no GPU is visible to this process (torch " + torch.__version__
+            + (f", built for CUDA {built}" if built else ", a CPU-only build") + ", CUDA_VISIBLE_DEVICES="
+            + repr(os.environ.get("CUDA_VISIBLE_DEVICES")) + "); request GPUs from Slurm (--gpus-per-node), "
+            "install a CUDA build of torch (scripts/setup.sh on a GPU node), or use HPCDISTILL_DEVICE=cpu/auto")
 
 
 def check_output(name: str, model: torch.nn.Module, source) -> None:

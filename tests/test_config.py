@@ -67,6 +67,8 @@ BAD = {
     "LOCAL_GROUPS": ("0", "greater than 0"),
     "GROUP_MODELS": ("mlp:cnn", "codistill settings, but HPCDISTILL_MODE=sync"),
     "PEERS": ("0", "greater than 0"),
+    "DEVICE": ("gpu", "auto"),
+    "PRECISION": ("fp16", "fp32"),
 }
 
 # Settings whose every non-empty value is syntactically valid (paths, names) are covered elsewhere:

@@ -75,7 +75,7 @@ def init_mpi():
 
 
 def build_topology(local_groups: int, *, offset: int = 0, num_groups: int | None = None,
-                   horovod: bool = True) -> Topology:
+                   horovod: bool = True, device: str = "auto") -> Topology:
     """Split this job's world into `local_groups` groups, numbered from `offset` among the `num_groups`
     of the codistillation (default: this job trains them all), and set Horovod up on them (collective)."""
     MPI = init_mpi()
@@ -97,16 +97,21 @@ def build_topology(local_groups: int, *, offset: int = 0, num_groups: int | None
         world=world, rank=rank, size=size, num_groups=num_groups, group=group,
         group_comm=group_comm, group_rank=group_comm.Get_rank(), group_size=per,
         group_ranks=list(range((group - offset) * per, (group - offset + 1) * per)), local_rank=local_rank,
-        device=_device(local_rank), leaders_comm=leaders_comm, group_offset=offset, local_groups=local_groups,
+        device=_device(local_rank, device), leaders_comm=leaders_comm, group_offset=offset, local_groups=local_groups,
     )
     if horovod:
         topo.process_set = init_horovod(group_comm)
     return topo
 
 
-def _device(local_rank: int) -> torch.device:
-    """One GPU per local rank where CUDA is present, else the CPU."""
-    if torch.cuda.is_available() and torch.cuda.device_count() > 0:
+def cuda_visible() -> bool:
+    return torch.cuda.is_available() and torch.cuda.device_count() > 0
+
+
+def _device(local_rank: int, want: str = "auto") -> torch.device:
+    """HPCDISTILL_DEVICE: "auto" is one GPU per local rank where CUDA is visible, else the CPU; "cuda"
+    without a visible GPU was refused before MPI started (preflight)."""
+    if want != "cpu" and cuda_visible():
         dev = torch.device("cuda", local_rank % torch.cuda.device_count())
         torch.cuda.set_device(dev)
         return dev

@@ -36,7 +36,8 @@ def banner(s, topo, comm, spec, model, data, run_id: str, run_dir) -> str:
         f"model {spec.name} ({spec.factory}, args {spec.args}): {count_parameters(model):,} parameters",
         f"dataset {data.name}: {data.kind}, {data.num_classes} classes, input {tuple(data.input_shape)}, "
         f"train/val/test {data.sizes['train']}/{data.sizes['val']}/{data.sizes['test']}",
-        f"steps {s.steps}, batch {s.batch_size} per rank, seed {s.seed}, loader workers {s.loader_workers}"
+        f"steps {s.steps}, batch {s.batch_size} per rank, seed {s.seed}, loader workers {s.loader_workers}, "
+        f"precision {s.precision} (HPCDISTILL_DEVICE={s.device})"
         + (f"; {', '.join(mode)}" if mode else ""),
         f"Horovod ({'with' if latency_patched() else 'without'} the latency patch): " + ", ".join(knobs)
         + ("" if not s.uses_async or s.mode == "codistill" else " (not used: async)"),

@@ -136,7 +136,7 @@ class Trainer:
         self.stop = StopSignal()
         self.writer = BackgroundWriter()  # checkpoint and exchange files are written off the loop
         self.topo = topo = build_topology(s.local_group_count, offset=s.first_group, num_groups=s.num_groups,
-                                          horovod=not s.uses_async)
+                                          horovod=not s.uses_async, device=s.device)
         s.check_world(topo.size)
         setup_logging(topo.tag(), speaker=topo.is_leader)
         self.run_dir = resolve_run_dir(s, topo.world)
@@ -196,9 +196,11 @@ class Trainer:
             raise ConfigError(f"cannot resume from {path or 'the newest checkpoint'}: {exc.reason}; the settings "
                               "changed the model or optimizer since it was written: restore them, or start over "
                               "with HPCDISTILL_RESUME=never (or another HPCDISTILL_RUN_DIR)") from None
-        rngs = arrays.get("extra/rng")
+        rngs, cuda_rngs = arrays.get("extra/rng"), arrays.get("extra/cuda_rng")
         if rngs is not None and len(rngs) == self.comm.Get_size():
             torch.set_rng_state(torch.from_numpy(rngs[self.comm.Get_rank()].copy()))
+        if cuda_rngs is not None and len(cuda_rngs) == self.comm.Get_size() and self.topo.device.type == "cuda":
+            torch.cuda.set_rng_state(torch.from_numpy(cuda_rngs[self.comm.Get_rank()].copy()), self.topo.device)
         if meta.get("data_state"):
             self.reader.load_state(meta["data_state"])
         self.updater.load_extra_state({k[len("extra/"):]: v for k, v in arrays.items() if k.startswith("extra/")})
@@ -208,7 +210,9 @@ class Trainer:
         """Collective where the updater's checkpoints are (sync: every rank's RNG goes into the file, for
         an exact resume); the writer writes the weights and state the updater gives it."""
         self.updater.settle(self.model)
-        rngs = self.updater.gather_rngs(torch.get_rng_state().numpy())
+        rngs = {"rng": self.updater.gather_rngs(torch.get_rng_state().numpy())}
+        if self.topo.device.type == "cuda":  # dropout on the GPU draws from the device's generator
+            rngs["cuda_rng"] = self.updater.gather_rngs(torch.cuda.get_rng_state(self.topo.device).numpy())
         if not self.speaker:
             return
         model, extra = self.updater.checkpoint_view(self.model)
@@ -217,7 +221,7 @@ class Trainer:
                       "the older checkpoints are kept", step)
             return
         arrays, meta = capture(model, self.optimizer, step=step, data_state=self.reader.state(), arch=self.arch,
-                               extra={"rng": rngs, **extra}, rng=False,
+                               extra={**rngs, **extra}, rng=False,
                                meta={"mode": self.s.mode, "group": self.topo.group, "run_id": self.run_id})
         self.writer.submit("checkpoint", lambda: self.ckpts.save(step, arrays, meta))  # a copy: training goes on
 

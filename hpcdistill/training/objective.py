@@ -15,6 +15,12 @@ from hpcdistill import losses
 from hpcdistill.teachers import forward as teachers_forward
 
 
+def precision(settings, device: torch.device):
+    """HPCDISTILL_PRECISION: bfloat16 autocast for forward passes (bf16 runs on CPUs too, slower or
+    faster depending on the CPU's instructions), or nothing for fp32."""
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=settings.precision == "bf16")
+
+
 class Objective:
     KINDS = ("task", "codistill", "label-smoothing", "distill")
 
@@ -29,13 +35,15 @@ class Objective:
         return self.s.distill_weight
 
     def __call__(self, model, x: torch.Tensor, y: torch.Tensor, step: int) -> tuple[torch.Tensor, dict]:
-        z = model(x)
+        with precision(self.s, x.device):
+            z = model(x).float()  # the losses (and the distillation softmax) in fp32
         T, a = self.s.temperature, self.alpha(step)
         if self.kind == "task":
             loss = losses.task_loss(z, y)
             return loss, {"loss": loss.item()}
         if self.kind == "distill":
-            v = self.teachers.logits(x)
+            with precision(self.s, x.device):
+                v = [t.float() for t in self.teachers.logits(x)]
             if self.s.distill_loss == "logits":
                 task = losses.task_loss(z, y) if a < 1 else z.new_zeros(())
                 soft = losses.logit_matching_loss(z, v)
@@ -49,7 +57,9 @@ class Objective:
             distill = losses.distillation_loss(z, target, T) if a > 0 else z.new_zeros(())
             loss = task + a * distill
             return loss, {"loss": loss.item(), "task_loss": task.item(), "distill_loss": distill.item()}
-        peers = teachers_forward(self.teachers.teachers_for(step), x) if a > 0 else []
+        with precision(self.s, x.device):
+            peers = teachers_forward(self.teachers.teachers_for(step), x) if a > 0 else []
+        peers = [v.float() for v in peers]
         loss, task, distill = losses.codistill_loss(z, y, peers, temperature=T, alpha=a)
         return loss, {"loss": loss.item(), "task_loss": task.item(), "distill_loss": distill.item(),
                       "teachers": len(peers)}
