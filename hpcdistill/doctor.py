@@ -78,6 +78,40 @@ def _horovod_checks(world) -> list[Check]:
     return [build, groups_check]
 
 
+def _cuda_check(world) -> Check:
+    """CUDA as training would use it: GPUs visible to each rank, the one a local rank gets, and whether
+    Horovod can reduce on the GPU (NCCL). A CPU machine passes (training runs on the CPU); a GPU that
+    Horovod cannot reduce on is a failure with the fix."""
+    import torch
+
+    check = Check("CUDA / NCCL")
+    from hpcdistill.comm.topology import cuda_visible
+
+    if not cuda_visible():
+        check.detail = (f"no GPU visible (torch {torch.__version__}, "
+                        f"{'CUDA ' + torch.version.cuda if torch.version.cuda else 'CPU-only build'}): training "
+                        "runs on the CPU (HPCDISTILL_DEVICE=auto)")
+        return check
+    import horovod.torch as hvd
+
+    node = world.Split_type(_mpi().COMM_TYPE_SHARED, key=world.Get_rank())
+    local, per_node = node.Get_rank(), node.Get_size()
+    node.Free()
+    count = torch.cuda.device_count()
+    nccl = hvd.nccl_built()
+    check.detail = (f"{count} GPU(s) per node ({torch.cuda.get_device_name(0)}), {per_node} rank(s) per node: local "
+                    f"rank {local} -> cuda:{local % count}; torch CUDA {torch.version.cuda}; Horovod NCCL "
+                    f"{'yes' if nccl else 'no'}")
+    if not nccl:
+        check.fail(check.detail, "gradients would go through host memory: rebuild Horovod with "
+                   "HOROVOD_GPU_OPERATIONS=NCCL (scripts/setup.sh on a GPU node, with nvcc or CUDA_HOME: "
+                   "`module load cuda` first)")
+    elif per_node > count:
+        check.fail(check.detail, f"{per_node} ranks share {count} GPU(s): launch one rank per GPU "
+                   "(--ntasks-per-node equal to --gpus-per-node)")
+    return check
+
+
 def _mpi():
     from mpi4py import MPI
     return MPI
@@ -143,12 +177,12 @@ def run_doctor(run_dir: str | None = None) -> int:
 
     MPI = init_mpi()
     world = MPI.COMM_WORLD
-    checks = _mpi_checks(MPI) + _horovod_checks(world) + [_rma_check(world, MPI)]
+    checks = _mpi_checks(MPI) + _horovod_checks(world) + [_rma_check(world, MPI), _cuda_check(world)]
     directory = Path(run_dir or os.environ.get("HPCDISTILL_RUN_DIR") or ".")
     if world.Get_rank() == 0:
         checks.append(_hdf5_check(directory))
     # A check passes only if it passed on every rank.
-    oks = np.array([c.ok for c in checks[:5]], dtype=np.int32)
+    oks = np.array([c.ok for c in checks[:6]], dtype=np.int32)
     world.Allreduce(MPI.IN_PLACE, oks, op=MPI.MIN)
     for c, ok in zip(checks, oks):
         if not ok and c.ok:

@@ -65,10 +65,11 @@ def run_mpi(np_: int, args: list[str], timeout: float = 300, check: bool = False
     return proc
 
 
-def train(np_: int, run_dir: Path, timeout: float = 300, check: bool = True, **settings) -> subprocess.CompletedProcess:
+def train(np_: int, run_dir: Path, timeout: float = 300, check: bool = True, env: dict | None = None,
+          **settings) -> subprocess.CompletedProcess:
     """`mpirun -np N hpcdistill train` with HPCDISTILL_* settings given as keyword arguments (any case:
-    `steps=5` and `STEPS=5` are both HPCDISTILL_STEPS)."""
-    env = {"HPCDISTILL_RUN_DIR": str(run_dir), "HPCDISTILL_RESUME": "never"}
+    `steps=5` and `STEPS=5` are both HPCDISTILL_STEPS), and other variables in `env`."""
+    env = {**(env or {}), "HPCDISTILL_RUN_DIR": str(run_dir), "HPCDISTILL_RESUME": "never"}
     env.update({f"HPCDISTILL_{k.upper()}": v for k, v in settings.items()})
     return run_mpi(np_, [HPCDISTILL, "train"], timeout=timeout, check=check, **env)
 

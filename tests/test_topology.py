@@ -40,6 +40,10 @@ def test_doctor_passes_under_mpirun(tmp_path):
     out = proc.stdout
     assert "4 rank(s)" in out and "all checks passed" in out
     assert "2 group(s) of 2 rank(s)" in out and "sum 800/800" in out and "MPI_THREAD_MULTIPLE" in out
+    import torch
+
+    if not torch.cuda.is_available():
+        assert "ok   CUDA / NCCL        no GPU visible" in out and "training runs on the CPU" in out
 
 
 def test_doctor_fails_with_a_remedy_when_hdf5_cannot_write(tmp_path):
