@@ -27,16 +27,37 @@ HPCDISTILL = str(VENV_BIN / "hpcdistill") if (VENV_BIN / "hpcdistill").exists() 
     shutil.which("hpcdistill") or "hpcdistill")
 
 
-def mpirun_command(np: int, *args, oversubscribe: bool = True, bind_to: str | None = "none") -> list[str]:
-    """`mpirun [--allow-run-as-root] [--oversubscribe] [--bind-to B] -np N args...` as an argv list.
+def mpi_launcher(venv_bin: Path | None = None) -> tuple[str, str]:
+    """(launcher, flavor) of the MPI an installation was built against: `scripts/setup.sh` records them
+    in <venv>/hpcdistill-mpi.env (mpiexec.mpich and "mpich" for MPICC=mpicc.mpich); ("mpirun",
+    "openmpi") when there is no record."""
+    record = Path(venv_bin or VENV_BIN).parent / "hpcdistill-mpi.env"
+    values = {}
+    if record.is_file():
+        for line in record.read_text().splitlines():
+            key, _, value = line.partition("=")
+            values[key.strip()] = value.strip()
+    return values.get("HPCD_MPIEXEC") or "mpirun", values.get("HPCD_MPI_FLAVOR") or "openmpi"
+
+
+def mpirun_command(np: int, *args, oversubscribe: bool = True, bind_to: str | None = "none",
+                   venv_bin: Path | None = None) -> list[str]:
+    """The launch command of `np` ranks running `args`, for the MPI the installation (`venv_bin`, default
+    this one) was built against. Open MPI: `mpirun [--allow-run-as-root] [--oversubscribe] [--bind-to B]
+    -np N args...`; MPICH (Hydra): `mpiexec.mpich [-bind-to B] -n N args...` (Hydra oversubscribes and
+    runs as root without being asked).
 
     --allow-run-as-root is added when this process runs as root (containers, CI), --oversubscribe
     unless `oversubscribe=False` (more ranks than cores is the normal case on a laptop or CI). Ranks
     are not bound to cores by default (`bind_to="none"`): Open MPI binds jobs of np <= 2 to cores, so
-    two jobs started side by side would both be pinned to core 0; `bind_to=None` leaves Open MPI's
+    two jobs started side by side would both be pinned to core 0; `bind_to=None` leaves the MPI's
     default. Arguments are converted with str() (paths welcome).
     """
-    cmd = ["mpirun"]
+    launcher, flavor = mpi_launcher(venv_bin)
+    if flavor == "mpich":
+        cmd = [launcher] + (["-bind-to", bind_to] if bind_to is not None else [])
+        return cmd + ["-n", str(int(np))] + [str(a) for a in args]
+    cmd = [launcher]
     if os.geteuid() == 0:
         cmd.append("--allow-run-as-root")
     if oversubscribe:

@@ -27,7 +27,11 @@ apt_install() {
 }
 
 # 1. System MPI -------------------------------------------------------------------------------------
-if ! command -v mpicc >/dev/null || ! command -v mpirun >/dev/null; then
+# MPICC names the MPI to build against (default: the mpicc on PATH); MPICC=mpicc.mpich is Debian's
+# MPICH beside its Open MPI (installed with apt when missing). The launcher is the mpiexec of the same
+# MPI (mpiexec.mpich for mpicc.mpich), recorded in the venv for hpcdistill.launch.
+MPICC="${MPICC:-mpicc}"
+if [ "$MPICC" = mpicc ] && { ! command -v mpicc >/dev/null || ! command -v mpirun >/dev/null; }; then
   if apt_usable; then
     say "no MPI on PATH: installing Open MPI from apt"
     apt_install libopenmpi-dev openmpi-bin
@@ -35,8 +39,22 @@ if ! command -v mpicc >/dev/null || ! command -v mpirun >/dev/null; then
     die "no MPI compiler wrapper (mpicc) on PATH and apt is not usable here.
         Load your site's MPI first, e.g. 'module load openmpi' (or mpich / intel-mpi), then run again."
   fi
+elif ! command -v "$MPICC" >/dev/null; then
+  if [ "$MPICC" = mpicc.mpich ] && apt_usable; then
+    say "MPICC=mpicc.mpich: installing MPICH from apt"
+    apt_install mpich libmpich-dev
+  else
+    die "MPICC=$MPICC: no such compiler wrapper on PATH; load the MPI (module load ...) or give its path"
+  fi
 fi
-say "MPI: $(command -v mpicc) ($(mpirun --version 2>/dev/null | head -n1))"
+suffix="${MPICC##*/mpicc}"; suffix="${suffix#mpicc}"
+MPIEXEC="$(command -v "mpiexec$suffix" || command -v mpirun || true)"
+[ -n "$MPIEXEC" ] || die "no mpiexec$suffix (or mpirun) next to $MPICC"
+MPI_VERSION="$("$MPIEXEC" --version 2>/dev/null | head -n1)"
+case "$("$MPIEXEC" --version 2>&1)" in *"Open MPI"*|*OpenRTE*) MPI_FLAVOR=openmpi ;; *HYDRA*|*MPICH*|*Intel*) MPI_FLAVOR=mpich ;; *) MPI_FLAVOR=unknown ;; esac
+# The MPI's identity for the caches: its compile line (include and library paths) and launcher version.
+MPI_ID="$({ "$MPICC" -show 2>/dev/null || "$MPICC" --showme 2>/dev/null; echo "$MPI_VERSION"; } | sha1sum | cut -c1-10)"
+say "MPI: $(command -v "$MPICC") ($MPI_VERSION; launcher $MPIEXEC, $MPI_FLAVOR, id $MPI_ID)"
 
 # Build tools Horovod needs (a C++17 compiler, cmake comes from pip below).
 if ! command -v g++ >/dev/null || ! command -v make >/dev/null; then
@@ -59,7 +77,7 @@ PIP=("$VPY" -m pip --disable-pip-version-check -q)
 # Fast path: everything already installed for this very tree and these versions.
 PATCH="$ROOT/scripts/horovod-latency.patch"
 patch_id="$(sha1sum "$PATCH" | cut -c1-12)"
-want="torch=$TORCH_VERSION horovod=$HOROVOD_VERSION+$patch_id pyproject=$(sha1sum "$ROOT/pyproject.toml" | cut -c1-12)"
+want="torch=$TORCH_VERSION horovod=$HOROVOD_VERSION+$patch_id mpi=$MPI_ID pyproject=$(sha1sum "$ROOT/pyproject.toml" | cut -c1-12)"
 if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ] && "$VPY" -c 'import horovod.torch, mpi4py, h5py, hpcdistill' 2>/dev/null; then
   say "already set up ($want)"
   exit 0
@@ -67,11 +85,15 @@ fi
 
 # 3. Python packages --------------------------------------------------------------------------------
 "${PIP[@]}" install --upgrade pip setuptools wheel
-"${PIP[@]}" install "torch==$TORCH_VERSION" numpy mpi4py "cmake>=3.13,<4" packaging pyyaml cloudpickle psutil
+"${PIP[@]}" install "torch==$TORCH_VERSION" numpy "cmake>=3.13,<4" packaging pyyaml cloudpickle psutil
+# mpi4py compiled against this MPI (a prebuilt wheel would pick whichever libmpi the loader finds first)
+MPICC="$(command -v "$MPICC")" "${PIP[@]}" install --no-binary=mpi4py --force-reinstall --no-deps mpi4py
+# The launcher of this MPI, for hpcdistill.launch (tests, benchmarks, reproduction).
+printf 'HPCD_MPIEXEC=%s\nHPCD_MPI_FLAVOR=%s\n' "$MPIEXEC" "$MPI_FLAVOR" > "$VENV/hpcdistill-mpi.env"
 
 # 4. Horovod, built once into a wheel cache ---------------------------------------------------------
 mkdir -p "$WHEELS"
-tag="torch$TORCH_VERSION-$(basename "$(readlink -f "$(command -v mpicc)")")"
+tag="torch$TORCH_VERSION-mpi$MPI_ID"  # not the wrapper's name: every Open MPI's mpicc is opal_wrapper
 wheel_dir="$WHEELS/horovod-$HOROVOD_VERSION-$patch_id-$tag"
 if ! ls "$wheel_dir"/horovod-*.whl >/dev/null 2>&1; then
   say "building Horovod $HOROVOD_VERSION against torch $TORCH_VERSION (takes ~5 min on 2 cores, once)"
@@ -96,7 +118,13 @@ if ! ls "$wheel_dir"/horovod-*.whl >/dev/null 2>&1; then
   mkdir -p "$wheel_dir.tmp"
   HOROVOD_WITH_PYTORCH=1 HOROVOD_WITH_MPI=1 HOROVOD_WITH_GLOO=1 \
   HOROVOD_WITHOUT_TENSORFLOW=1 HOROVOD_WITHOUT_MXNET=1 HOROVOD_CPU_OPERATIONS=MPI CMAKE_POLICY_VERSION_MINIMUM=3.5 \
-  MAKEFLAGS="-j$(nproc)" PATH="$VENV/bin:$PATH" \
+  # Horovod's CMake finds MPI through `mpicc`/`mpicxx` on PATH: point them at this MPI.
+  mpibin="$work/mpibin"; mkdir -p "$mpibin"
+  ln -sf "$(command -v "$MPICC")" "$mpibin/mpicc"
+  cxx="$(command -v "mpicxx$suffix" || command -v "mpic++$suffix" || true)"
+  [ -z "$cxx" ] || ln -sf "$cxx" "$mpibin/mpicxx"
+  ln -sf "$MPIEXEC" "$mpibin/mpiexec"
+  MAKEFLAGS="-j$(nproc)" PATH="$VENV/bin:$mpibin:$PATH" \
     "${PIP[@]}" wheel --no-deps --no-build-isolation -w "$wheel_dir.tmp" "$src"
   rm -rf "$wheel_dir"; mv "$wheel_dir.tmp" "$wheel_dir"
 fi
