@@ -14,6 +14,19 @@ import statistics
 import subprocess
 
 
+def prepared(data_dir, dataset: str = "digits"):
+    """`data_dir` (resolved) holding the built-in `dataset`, prepared with `hpcdistill data prepare` if
+    it is not there yet."""
+    from pathlib import Path
+
+    from hpcdistill.launch import HPCDISTILL, job_env
+
+    data_dir = Path(data_dir).resolve()
+    if not (data_dir / dataset / "train.h5").exists():
+        subprocess.run([HPCDISTILL, "data", "prepare", dataset], check=True, env=job_env(HPCDISTILL_DATA_DIR=data_dir))
+    return data_dir
+
+
 def median(xs):
     return statistics.median(xs) if xs else float("nan")
 

@@ -33,9 +33,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from hpcdistill.launch import HPCDISTILL, job_env, mpirun_command  # noqa: E402
+from hpcdistill.launch import HPCDISTILL, job_env, mpirun_command, rank_pids  # noqa: E402
 
-from _common import machine, median, table  # noqa: E402
+from _common import machine, median, prepared, table  # noqa: E402
 
 
 def launch(np_: int, env: dict, log: Path) -> subprocess.Popen:
@@ -53,13 +53,7 @@ def logged_step(metrics: Path) -> int:
 
 def kill_rank(mpirun: subprocess.Popen, rank: int) -> None:
     """kill -9 the process of world rank `rank` among mpirun's children, and wait for the job to end."""
-    children = subprocess.run(["ps", "-o", "pid=", "--ppid", str(mpirun.pid)], capture_output=True, text=True)
-    for pid in map(int, children.stdout.split()):
-        try:
-            if f"OMPI_COMM_WORLD_RANK={rank}".encode() in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"):
-                os.kill(pid, signal.SIGKILL)
-        except OSError:
-            continue
+    os.kill(rank_pids(mpirun.pid)[rank], signal.SIGKILL)
     mpirun.wait(timeout=120)
     time.sleep(2)  # the other ranks of the job end after mpirun (their pids free the claims)
 
@@ -119,9 +113,7 @@ def main() -> int:
     p.add_argument("--json", action="store_true", help="print one JSON object last")
     p.add_argument("--data-dir", default=os.environ.get("HPCDISTILL_DATA_DIR", "datasets"))
     args = p.parse_args()
-    data_dir = Path(args.data_dir).resolve()
-    if not (data_dir / "digits" / "train.h5").exists():
-        subprocess.run([HPCDISTILL, "data", "prepare", "digits"], check=True, env=job_env(HPCDISTILL_DATA_DIR=data_dir))
+    data_dir = prepared(args.data_dir)
     common = dict(HPCDISTILL_MODE="codistill", HPCDISTILL_GROUPS=2, HPCDISTILL_DATA_DIR=data_dir,
                   HPCDISTILL_STEPS=args.steps, HPCDISTILL_CHECKPOINT_EVERY=args.checkpoint_every,
                   HPCDISTILL_LOG_EVERY=10, HPCDISTILL_EVAL_EVERY=10 * args.steps, HPCDISTILL_TENSORBOARD="false")

@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from hpcdistill.launch import HPCDISTILL, job_env, mpirun_command  # noqa: E402
 
-from _common import machine, table  # noqa: E402
+from _common import machine, prepared, table  # noqa: E402
 
 
 def accuracies(root: Path, tag: str, common: dict, weight: float) -> list[float]:
@@ -46,7 +46,7 @@ def main() -> int:
     p.add_argument("--json", action="store_true")
     p.add_argument("--data-dir", default=os.environ.get("HPCDISTILL_DATA_DIR", "datasets"))
     args = p.parse_args()
-    data_dir = Path(args.data_dir).resolve()
+    data_dir = prepared(args.data_dir)
     models = args.models.split(":")
     common = dict(HPCDISTILL_MODE="codistill", HPCDISTILL_GROUPS=2, HPCDISTILL_GROUP_MODELS=args.models,
                   HPCDISTILL_DATA_DIR=data_dir, HPCDISTILL_STEPS=args.steps, HPCDISTILL_RESUME="never",

@@ -44,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from hpcdistill.launch import HPCDISTILL, job_env, mpirun_command  # noqa: E402
 
-from _common import machine, median, table  # noqa: E402
+from _common import machine, median, prepared, table  # noqa: E402
 
 
 def launch(np_: int, env: dict, log: Path) -> subprocess.Popen:
@@ -109,10 +109,7 @@ def main() -> int:
     p.add_argument("--json", action="store_true", help='print last one JSON object {"codistill_over_sync": x, '
                    '"exchange_share_of_wall": y} (x: median step time ratio, y: a fraction)')
     args = p.parse_args()
-    data_dir = Path(args.data_dir).resolve()
-    if not (data_dir / args.dataset / "train.h5").exists():
-        subprocess.run([HPCDISTILL, "data", "prepare", args.dataset], check=True,
-                       env=job_env(HPCDISTILL_DATA_DIR=data_dir))
+    data_dir = prepared(args.data_dir, args.dataset)
     from hpcdistill.config import Settings
 
     defaults = Settings()

@@ -31,7 +31,7 @@ from codistill_overhead import step_times, wait_all  # noqa: E402
 
 from hpcdistill.launch import HPCDISTILL, job_env, mpirun_command  # noqa: E402
 
-from _common import human_bytes, machine, median, table  # noqa: E402
+from _common import human_bytes, machine, median, prepared, table  # noqa: E402
 
 
 def run(groups: int, k: int, root: Path, tag: str, common: dict) -> dict:
@@ -57,9 +57,7 @@ def main() -> int:
     p.add_argument("--json", action="store_true", help="print one JSON object last")
     p.add_argument("--data-dir", default=os.environ.get("HPCDISTILL_DATA_DIR", "datasets"))
     args = p.parse_args()
-    data_dir = Path(args.data_dir).resolve()
-    if not (data_dir / "digits" / "train.h5").exists():
-        subprocess.run([HPCDISTILL, "data", "prepare", "digits"], check=True, env=job_env(HPCDISTILL_DATA_DIR=data_dir))
+    data_dir = prepared(args.data_dir)
     burn_in = args.exchange_every
     common = dict(HPCDISTILL_DATA_DIR=data_dir, HPCDISTILL_STEPS=args.steps, HPCDISTILL_RESUME="never",
                   HPCDISTILL_MODEL=args.model, HPCDISTILL_EXCHANGE_EVERY=args.exchange_every,

@@ -9,14 +9,13 @@ a version, it never makes the loop wait or memory grow). A job's error is raised
 next `check()` (every step) or `flush()`. `flush()` waits until everything submitted is on disk: the
 final publication, the stop checkpoint and the end of the run wait for it.
 
-Measured (docs/benchmarks.md (d)): publishing an mlp exchange file took ~9 ms synchronously, the
-snapshot ~0.2 ms.
+Measured (3000 steps of digits `mlp`, 2 groups, exchange every 50; docs/benchmarks.md (d)): written in
+the loop, the 122 publications cost it 0.62 s (~5 ms each); with this writer, 0.04 s (the snapshots).
 """
 
 from __future__ import annotations
 
 import threading
-import time
 from typing import Callable
 
 
@@ -29,8 +28,6 @@ class BackgroundWriter:
         self._closed = False
         self.replaced = 0       # waiting jobs replaced by a newer snapshot of the same key
         self.written = 0        # jobs done
-        self.seconds = 0.0      # time the thread spent writing
-        self.waited = 0.0       # time the loop spent in flush()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
@@ -53,10 +50,8 @@ class BackgroundWriter:
 
     def flush(self) -> None:
         """Wait until every submitted job has run; raise the error of one that failed."""
-        t = time.perf_counter()
         with self._cv:
             self._cv.wait_for(lambda: not self._pending and not self._busy)
-        self.waited += time.perf_counter() - t
         self.check()
 
     def close(self) -> None:
@@ -85,7 +80,6 @@ class BackgroundWriter:
                 key = next(iter(self._pending))
                 job = self._pending.pop(key)
                 self._busy = True
-            t = time.perf_counter()
             try:
                 job()
             except BaseException as exc:  # noqa: BLE001 - handed to the loop at its next check
@@ -93,7 +87,6 @@ class BackgroundWriter:
                     self._error = exc
             finally:
                 with self._cv:
-                    self.seconds += time.perf_counter() - t
                     self.written += 1
                     self._busy = False
                     self._cv.notify_all()

@@ -58,9 +58,6 @@ class Claim:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def _read(self) -> tuple[dict, float] | None:
-        return read_claim(self.path)
-
     def _stale(self, holder: dict, beat: float) -> str | None:
         why = _dead(holder, beat)
         if why:
@@ -77,7 +74,7 @@ class Claim:
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
-                found = self._read()
+                found = read_claim(self.path)
                 if found is None:
                     continue
                 holder, beat = found
@@ -158,7 +155,7 @@ def _dead(holder: dict, beat: float) -> str | None:
     if age > STALE_AFTER:
         return f"its heartbeat is {age:.0f} s old"
     if holder.get("host") == socket.gethostname() and isinstance(holder.get("pid"), int) \
-            and not _alive(holder["pid"]):
+            and not process_alive(holder["pid"]):
         return f"process {holder['pid']} on this host is gone"
     return None
 
@@ -180,7 +177,7 @@ def live_member(exchange_dir: Path, holder: dict) -> dict | None:
     return None
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
     """The process exists and is not a zombie (killed, not yet reaped: in a container whose init does
     not reap, a killed holder stays a zombie for good)."""
     try:

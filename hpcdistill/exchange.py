@@ -53,9 +53,9 @@ def _non_finite_key(arrays: dict) -> str | None:
 def _same_model(path: Path, expect):
     """A read_h5 check: the file's model record is one the reader accepts for that peer, and the file
     holds exactly the tensors of the model it describes (names, shapes, dtypes) and nothing else,
-    known before any data is read. `expect(meta)` gives that model's manifest (None: not compared), or raises
-    ModelError for a record the reader does not accept (refused with code "architecture"); None checks
-    nothing."""
+    known before any data is read. `expect(meta)` gives that model's manifest (None: not compared), or
+    raises ModelError for a record the reader does not accept (refused with code "architecture"); None
+    checks nothing."""
     if expect is None:
         return None
 
@@ -111,7 +111,7 @@ class Exchange:
     def snapshot(self, step: int, model, *, arch: dict, health: dict) -> tuple[dict, dict]:
         """This group's model at `step` as (arrays, meta) for `write`: a copy in host memory, so the
         group trains on while the file is written. `health` (e.g. {"train_loss": ..., "initial_loss":
-        ...}) lets peers refuse a diverged teacher; "finite" is added here from the weights themselves."""
+        ...}) lets peers refuse a diverged teacher; `write` adds "finite" from the weights themselves."""
         arrays, meta = capture(model, step=step, arch=arch, rng=False,
                                meta={"group": self.group, "time": time.time(), "exchange_id": self.exchange_id})
         meta["health"] = dict(health)
@@ -193,7 +193,8 @@ class Exchange:
         """The newest usable checkpoint of `peer`, and the files refused on the way as [(path, code, reason)].
 
         `expect(meta)` accepts the file's model record (returning the manifest of the model it
-        describes) or refuses it (CheckpointError); see _same_model. `bytes_read` counts the files read.
+        describes) or refuses it (ModelError, counted as "architecture"); see _same_model.
+        `bytes_read` counts the files read.
 
         Files with step < min_step are not read (pass the step of the teacher in hand + 1 to read only
         newer ones). Files whose step or path is in `exclude_path_steps` are skipped. A refused file

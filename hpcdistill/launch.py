@@ -67,6 +67,28 @@ def mpirun_command(np: int, *args, oversubscribe: bool = True, bind_to: str | No
     return cmd + ["-np", str(int(np))] + [str(a) for a in args]
 
 
+def rank_pids(launcher_pid: int) -> dict[int, int]:
+    """{world rank: pid} of the ranks a launcher (mpirun, mpiexec) started on this host: its children
+    whose environment names their rank (OMPI_COMM_WORLD_RANK, or PMI_RANK under MPICH's Hydra). For
+    tests and benchmarks that kill a rank (Linux /proc)."""
+    pids = []
+    for task in Path(f"/proc/{launcher_pid}/task").glob("*/children"):  # any of its threads may fork
+        try:
+            pids += [int(p) for p in task.read_text().split()]
+        except OSError:
+            continue
+    out = {}
+    for pid in pids:
+        try:
+            env = dict(v.split(b"=", 1) for v in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0") if b"=" in v)
+        except OSError:
+            continue
+        rank = env.get(b"OMPI_COMM_WORLD_RANK", env.get(b"PMI_RANK"))
+        if rank is not None and rank.isdigit():
+            out[int(rank)] = pid
+    return out
+
+
 def setting_name(key: str) -> str:
     """The environment variable of a setting: lower-case names are HPCDISTILL_ settings
     (`steps` -> HPCDISTILL_STEPS); any other name (HPCDISTILL_STEPS, PYTHONPATH) is taken as given."""

@@ -32,23 +32,23 @@ def check_code(settings, *, need_data: bool = True) -> str | None:
             raise
         source = None
     kind = source.kind if source else None
-    if settings.group_models:  # every group's model must resolve; this job's groups' are built and tried
+    # The model of every group (HPCDISTILL_GROUP_MODELS, else HPCDISTILL_MODEL): resolved (imported);
+    # with the dataset, sized on the meta device (peers and teachers are) and, for this job's own
+    # groups, built and run on one batch.
+    own = range(settings.first_group, settings.first_group + settings.local_group_count)
+    if settings.group_models:
         from hpcdistill.training.compose import group_spec
 
-        first = settings.first_group
-        for g in range(settings.num_groups):
-            spec = group_spec(settings, g, kind)
-            if source is not None:
-                sized_manifest(spec, source.input_shape, source.num_classes)
-                if first <= g < first + settings.local_group_count:
-                    check_output(spec.name, spec.build(source.input_shape, source.num_classes), source)
-        spec = None
+        specs = [(group_spec(settings, g, kind), g in own) for g in range(settings.num_groups)]
+    elif source or settings.model:
+        specs = [(resolve_model(settings.model, settings.model_args, kind=kind), True)]
     else:
-        spec = resolve_model(settings.model, settings.model_args, kind=kind) if source or settings.model else None
-    if source is not None and spec is not None:
-        if settings.mode in ("codistill", "distill"):  # peers and teachers are sized on the meta device
+        specs = []
+    for spec, mine in specs if source is not None else ():
+        if settings.mode in ("codistill", "distill"):
             sized_manifest(spec, source.input_shape, source.num_classes)
-        check_output(spec.name, spec.build(source.input_shape, source.num_classes), source)
+        if mine:
+            check_output(spec.name, spec.build(source.input_shape, source.num_classes), source)
     teacher_spec(settings, source.kind if source else None)
     return source.kind if source else None
 
@@ -68,7 +68,7 @@ def check(settings) -> None:
 
 
 def check_device(settings) -> None:
-    """HPCDISTILL_DEVICE=cuda needs a visible GPU; bf16 needs a device that computes it."""
+    """HPCDISTILL_DEVICE=cuda needs a visible GPU."""
     from hpcdistill.comm.topology import cuda_visible
 
     if settings.device == "cuda" and not cuda_visible():

@@ -227,7 +227,6 @@ class Prefetcher:
         self._ready: dict[int, object] = {}        # peer -> PeerCheckpoint found since the last take
         self._step = 0
         self._closed = False
-        self.seconds = 0.0
         self._thread = threading.Thread(target=self._run, name="hpcdistill prefetch", daemon=True)
         self._thread.start()
 
@@ -262,7 +261,6 @@ class Prefetcher:
                     return
                 todo = {p: h for p, h in self._wanted.items() if p not in self._ready}
                 step = self._step
-            t = time.perf_counter()
             for peer, have in todo.items():
                 newest = self._newest(peer)
                 if newest is None or (have is not None and newest <= have):
@@ -272,7 +270,6 @@ class Prefetcher:
                     with self._cv:
                         if self._wanted.get(peer, -1) == have:  # not superseded meanwhile
                             self._ready[peer] = found
-            self.seconds += time.perf_counter() - t
             with self._cv:
                 if self._missing():
                     self._cv.wait(self.poll)
@@ -340,10 +337,10 @@ class PeerTeachers(_CodistillSection, _Teachers):
         self._tensors: dict[int, dict] = {}     # peer -> that module's state_dict (its storage)
         self.prefetcher = Prefetcher(self._find_quiet, self.exchange.newest_step) \
             if prefetch and self.leader else None
+        self._last_read_ahead: float | None = None  # monotonic time of the last read-ahead request
+        self.digests: list[str] = []  # every rank's digest of its teachers at the end (on_end)
         if self.prefetcher:  # the first teachers too: read while burn-in trains
-            first = self.peers if self.k == len(self.peers) else peer_rotation(
-                self.peers, self.k, max(burn_in, 1) // exchange_every, seed=seed, group=group)[:self.k]
-            self.prefetcher.want({p: None for p in first}, 0)
+            self.prefetcher.want({p: None for p in self._turn(max(burn_in, 1) // exchange_every)}, 0)
 
     @property
     def models(self) -> list[torch.nn.Module]:
@@ -450,10 +447,16 @@ class PeerTeachers(_CodistillSection, _Teachers):
         """Have the prefetcher read the next exchange's files while the group trains."""
         if self.prefetcher:
             now = time.monotonic()
-            interval, self._last_refresh = now - getattr(self, "_last_refresh", now), now
-            nxt = self.selected if self.k == len(self.peers) else peer_rotation(
-                self.peers, self.k, step // self.exchange_every + 1, seed=self.seed, group=self.group)[:self.k]
+            interval = None if self._last_read_ahead is None else now - self._last_read_ahead
+            self._last_read_ahead = now
+            nxt = self._turn(step // self.exchange_every + 1)
             self.prefetcher.want({p: self.current[p][0] if p in self.current else None for p in nxt}, step, interval)
+
+    def _turn(self, exchange: int) -> list[int]:
+        """The k peers the rotation gives the `exchange`-th exchange (every peer when k = G-1)."""
+        if self.k == len(self.peers):
+            return list(self.peers)
+        return peer_rotation(self.peers, self.k, exchange, seed=self.seed, group=self.group)[:self.k]
 
     def _choose(self, step: int) -> None:
         """This exchange's k peers, in `peer_rotation` order: those with a file fresh enough and not
@@ -631,7 +634,7 @@ class PeerTeachers(_CodistillSection, _Teachers):
             "teachers_dropped": self.dropped, "stale_waits": self.waits, "stale_wait_seconds": self.wait_seconds,
             "exchanges": self.exchanges, "exchange_bytes_read": self.exchange.bytes_read if self.leader else 0,
             "peers_per_exchange": self.k, "last_loaded": {str(p): s for p, s in sorted(self.last_loaded.items())},
-            "teachers_prefetched": self.prefetched, "teacher_digests": getattr(self, "digests", []),
+            "teachers_prefetched": self.prefetched, "teacher_digests": self.digests,
         }
 
 

@@ -18,7 +18,7 @@ import pytest
 
 from hpcdistill.checkpoints import CheckpointError, read_h5
 from hpcdistill.exchange import Exchange, expect_record
-from hpcdistill.launch import VENV_BIN as BIN
+from hpcdistill.launch import job_env, mpirun_command
 from hpcdistill.models import build_from_record, manifest
 from hpcdistill.teachers import _read_teacher
 
@@ -26,19 +26,6 @@ import hostile
 from conftest import HPCDISTILL, ROOT, builtin_model, needs_mpi, summary
 
 EXCHANGE_ID = "hostile-test"
-
-
-def mpirun(np_: int, *args) -> list[str]:
-    """mpirun -np N args, ranks not bound to cores (two jobs side by side would share core 0)."""
-    root = ["--allow-run-as-root"] if os.geteuid() == 0 else []
-    return ["mpirun", *root, "--oversubscribe", "--bind-to", "none", "-np", str(np_), *map(str, args)]
-
-
-def job_env(**settings) -> dict:
-    """This environment without stray HPCDISTILL_* variables, plus `settings` (full names)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("HPCDISTILL_")}
-    env.update({"OMP_NUM_THREADS": "1", "PATH": f"{BIN}{os.pathsep}{env.get('PATH', '')}"})
-    return env | {k: str(v) for k, v in settings.items()}
 FAST = 1.0  # seconds: a refusal comes from HDF5's metadata, in milliseconds
 
 # case -> (code, words of the reason) when read by the exchange (Exchange.freshest)
@@ -222,7 +209,7 @@ def distill(run: Path, teacher: Path, data_dir: Path) -> dict:
                   HPCDISTILL_DATA_DIR=data_dir, HPCDISTILL_RUN_DIR=run / "run", HPCDISTILL_RESUME="never",
                   HPCDISTILL_STEPS=20)
     t = time.monotonic()
-    proc = subprocess.run(mpirun(2, sys.executable, "-c", RSS_WRAPPER, run, HPCDISTILL, "train"), env=env,
+    proc = subprocess.run(mpirun_command(2, sys.executable, "-c", RSS_WRAPPER, run, HPCDISTILL, "train"), env=env,
                           capture_output=True, text=True, timeout=300, cwd=ROOT, stdin=subprocess.DEVNULL,
                           check=False)
     wall = time.monotonic() - t
@@ -334,7 +321,7 @@ def planted_run(tmp_path_factory, data_dir):
                   HPCDISTILL_EXCHANGE_EVERY=20, HPCDISTILL_STRAGGLER_RANK=0, HPCDISTILL_STRAGGLER_DELAY=3)
     t0 = time.monotonic()
     with open(log, "w") as out:
-        proc = subprocess.Popen(mpirun(2, HPCDISTILL, "train"), env=env, stdout=out, stderr=subprocess.STDOUT,
+        proc = subprocess.Popen(mpirun_command(2, HPCDISTILL, "train"), env=env, stdout=out, stderr=subprocess.STDOUT,
                                 cwd=ROOT, stdin=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 240

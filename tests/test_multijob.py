@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from hpcdistill.launch import HPCDISTILL, job_env, mpirun_command
+from hpcdistill.claims import process_alive
+from hpcdistill.launch import HPCDISTILL, job_env, mpirun_command, rank_pids
 
 from conftest import ROOT, summary, train
 
@@ -57,16 +58,9 @@ def wait_until(predicate, timeout: float, what: str, procs=()) -> None:
 
 
 def rank_pid(mpirun: subprocess.Popen, rank: int) -> int:
-    """The pid of world rank `rank` among mpirun's children (OMPI_COMM_WORLD_RANK in its environment)."""
-    children = subprocess.run(["ps", "-o", "pid=", "--ppid", str(mpirun.pid)], capture_output=True, text=True)
-    for pid in map(int, children.stdout.split()):
-        try:
-            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if f"OMPI_COMM_WORLD_RANK={rank}".encode() in env:
-            return pid
-    raise AssertionError(f"no rank {rank} among the children of mpirun {mpirun.pid}")
+    pids = rank_pids(mpirun.pid)
+    assert rank in pids, f"no rank {rank} among the children of mpirun {mpirun.pid}: {pids}"
+    return pids[rank]
 
 
 def finish(proc: subprocess.Popen, log: Path, timeout: float = 300) -> int:
@@ -94,7 +88,7 @@ def test_two_jobs_codistill_survive_a_kill_and_the_killed_one_rejoins(tmp_path, 
         leader = rank_pid(b, 0)
         os.kill(rank_pid(b, 1), signal.SIGKILL)  # one rank dies: mpirun takes job 1 down, not job 0
         assert finish(b, b_log, 60) != 0
-        wait_until(lambda: not Path(f"/proc/{leader}").exists(), 60, "job 1's rank 0 to end")
+        wait_until(lambda: not process_alive(leader), 60, "job 1's rank 0 to end")
         killed_at = newest_step(ex1)
         assert killed_at >= 100
         status = subprocess.run([HPCDISTILL, "status", str(tmp_path / "exchange")], capture_output=True, text=True)

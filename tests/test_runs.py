@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from hpcdistill.launch import HPCDISTILL, job_env, mpirun_command
+from hpcdistill.claims import process_alive
+from hpcdistill.launch import HPCDISTILL, job_env, mpirun_command, rank_pids
 
 from conftest import ROOT, summary, train
 
@@ -139,13 +140,6 @@ def wait_for_step(directory: Path, step: int, proc: subprocess.Popen, seconds: f
         time.sleep(0.1)
 
 
-def _running(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return False
-
-
 def _all_whole(run: Path) -> int:
     """Every step-*.h5 of the run's checkpoints and exchange reads back verified; their count."""
     from hpcdistill.checkpoints import read_h5
@@ -179,13 +173,13 @@ def test_a_crash_during_background_writes_leaves_no_partial_file(tmp_path, data_
     proc = start(run, data_dir=data_dir, resume="auto", **HEAVY)
     wait_for_step(run / "checkpoints" / "group-0", 30, proc)
     time.sleep(0.37)
-    ranks = subprocess.run(["ps", "-o", "pid=", "--ppid", str(proc.pid)], capture_output=True, text=True)
-    pids = [int(p) for p in ranks.stdout.split()]
+    pids = list(rank_pids(proc.pid).values())
+    assert len(pids) == 2, pids
     for pid in pids:  # kill -9 every rank: writes die mid-file
         os.kill(pid, signal.SIGKILL)
     proc.communicate(timeout=120)
     deadline = time.monotonic() + 60  # a rank inside fsync dies when the disk lets it go
-    while any(_running(pid) for pid in pids):
+    while any(process_alive(pid) for pid in pids):
         assert time.monotonic() < deadline, "killed ranks still running"
         time.sleep(0.1)
     assert _all_whole(run) >= 4  # only whole files are visible (temporaries are hidden and ignored)
