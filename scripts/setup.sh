@@ -86,14 +86,24 @@ fi
 # 3. Python packages --------------------------------------------------------------------------------
 "${PIP[@]}" install --upgrade pip setuptools wheel
 "${PIP[@]}" install "torch==$TORCH_VERSION" numpy "cmake>=3.13,<4" packaging pyyaml cloudpickle psutil
-# mpi4py compiled against this MPI (a prebuilt wheel would pick whichever libmpi the loader finds first)
-MPICC="$(command -v "$MPICC")" "${PIP[@]}" install --no-binary=mpi4py --force-reinstall --no-deps mpi4py
+# mpi4py compiled against this MPI (a prebuilt wheel would pick whichever libmpi the loader finds first).
+# --no-cache-dir: pip caches a wheel it built from source under the sdist's name alone, so the second
+# venv (.venv-mpich after .venv) silently got the mpi4py built for the first MPI (CI, 2026-12-02).
+MPICC="$(command -v "$MPICC")" "${PIP[@]}" install --no-cache-dir --no-binary=mpi4py --force-reinstall --no-deps mpi4py
+lib="$("$VPY" -c 'from mpi4py import MPI; print(MPI.Get_library_version().splitlines()[0])')"
+case "$MPI_FLAVOR:$lib" in
+  openmpi:*"Open MPI"*|mpich:*MPICH*|mpich:*Intel*|mpich:*MVAPICH*|unknown:*) ;;
+  *) die "mpi4py in $VENV runs on '$lib', not the $MPI_FLAVOR of $MPICC; remove $VENV and run again" ;;
+esac
+say "mpi4py on: $lib"
 # The launcher of this MPI, for hpcdistill.launch (tests, benchmarks, reproduction).
 printf 'HPCD_MPIEXEC=%s\nHPCD_MPI_FLAVOR=%s\n' "$MPIEXEC" "$MPI_FLAVOR" > "$VENV/hpcdistill-mpi.env"
 
 # 4. Horovod, built once into a wheel cache ---------------------------------------------------------
 mkdir -p "$WHEELS"
-tag="torch$TORCH_VERSION-mpi$MPI_ID"  # not the wrapper's name: every Open MPI's mpicc is opal_wrapper
+# not the wrapper's name: every Open MPI's mpicc is opal_wrapper. r2: the HOROVOD_WITH_* flags reach
+# the build (before, a comment line inside the continued command left them unexported).
+tag="torch$TORCH_VERSION-mpi$MPI_ID-r2"
 wheel_dir="$WHEELS/horovod-$HOROVOD_VERSION-$patch_id-$tag"
 if ! ls "$wheel_dir"/horovod-*.whl >/dev/null 2>&1; then
   say "building Horovod $HOROVOD_VERSION against torch $TORCH_VERSION (takes ~5 min on 2 cores, once)"
@@ -116,14 +126,14 @@ if ! ls "$wheel_dir"/horovod-*.whl >/dev/null 2>&1; then
     git -C "$src" apply -p1 "$PATCH" || die "scripts/horovod-latency.patch did not apply (no \`patch\`; git apply failed)"
   fi
   mkdir -p "$wheel_dir.tmp"
-  HOROVOD_WITH_PYTORCH=1 HOROVOD_WITH_MPI=1 HOROVOD_WITH_GLOO=1 \
-  HOROVOD_WITHOUT_TENSORFLOW=1 HOROVOD_WITHOUT_MXNET=1 HOROVOD_CPU_OPERATIONS=MPI CMAKE_POLICY_VERSION_MINIMUM=3.5 \
   # Horovod's CMake finds MPI through `mpicc`/`mpicxx` on PATH: point them at this MPI.
   mpibin="$work/mpibin"; mkdir -p "$mpibin"
   ln -sf "$(command -v "$MPICC")" "$mpibin/mpicc"
   cxx="$(command -v "mpicxx$suffix" || command -v "mpic++$suffix" || true)"
   [ -z "$cxx" ] || ln -sf "$cxx" "$mpibin/mpicxx"
   ln -sf "$MPIEXEC" "$mpibin/mpiexec"
+  HOROVOD_WITH_PYTORCH=1 HOROVOD_WITH_MPI=1 HOROVOD_WITH_GLOO=1 \
+  HOROVOD_WITHOUT_TENSORFLOW=1 HOROVOD_WITHOUT_MXNET=1 HOROVOD_CPU_OPERATIONS=MPI CMAKE_POLICY_VERSION_MINIMUM=3.5 \
   MAKEFLAGS="-j$(nproc)" PATH="$VENV/bin:$mpibin:$PATH" \
     "${PIP[@]}" wheel --no-deps --no-build-isolation -w "$wheel_dir.tmp" "$src"
   rm -rf "$wheel_dir"; mv "$wheel_dir.tmp" "$wheel_dir"
