@@ -199,6 +199,12 @@ class MetricsWriter:
         self.close()
 
 
+def numbers(values: dict) -> dict:
+    """Loss parts as Python numbers. The objective hands back 0-d tensors so that a GPU step never waits
+    for the device; the loop's log steps and the exchange's publish steps call this, and wait there."""
+    return {k: v.item() if hasattr(v, "item") else v for k, v in values.items()}
+
+
 def write_json_atomic(path: Path, data: dict) -> None:
     with atomic_path(path) as tmp, open(tmp, "w") as f:
         json.dump(data, f, indent=2, default=str)

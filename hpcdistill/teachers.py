@@ -24,6 +24,7 @@ from hpcdistill.comm.broadcast import bcast_tree
 from hpcdistill.ensemble import ensemble_accuracy, mean_pairwise_churn
 from hpcdistill.exchange import Exchange
 from hpcdistill.log import get_logger
+from hpcdistill.metrics import numbers
 from hpcdistill.models import (
     ModelError,
     ModelSpec,
@@ -352,7 +353,8 @@ class PeerTeachers(_CodistillSection, _Teachers):
         for it before the run ends (the writer's close in Trainer._finish)."""
         if self.leader:
             t = time.perf_counter()
-            arrays, meta = self.exchange.snapshot(step, model, arch=self.arch, health={**health, "final": final})
+            arrays, meta = self.exchange.snapshot(step, model, arch=self.arch,
+                                                  health={**numbers(health), "final": final})
             if self.writer is None:
                 self.exchange.write(step, arrays, meta)
             else:

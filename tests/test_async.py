@@ -7,6 +7,7 @@ import textwrap
 
 import numpy as np
 import pytest
+import torch
 
 from hpcdistill.comm.rma import shard_bounds
 from hpcdistill.strategies.async_rma import MEANSQ_EPS, dc_delta
@@ -185,23 +186,24 @@ def test_dc_delta_matches_the_formula(rule, lambda0):
         g = rng.normal(size=n).astype(np.float32)
         w_bak = rng.normal(size=n).astype(np.float32)
         w_now = (w_bak + 0.1 * rng.normal(size=n)).astype(np.float32)
-        got, ms_impl = dc_delta(g, w_bak, w_now, rule=rule, lr=0.05, lambda0=lambda0, meansq=ms_impl, decay=0.95)
+        got, ms_impl = dc_delta(*map(torch.from_numpy, (g, w_bak, w_now)), rule=rule, lr=0.05, lambda0=lambda0,
+                                meansq=ms_impl, decay=0.95)
         want, ms_ref = reference_delta(g, w_bak, w_now, rule, 0.05, lambda0, ms_ref, 0.95)
-        assert got.dtype == np.float32
-        np.testing.assert_allclose(got, want, rtol=2e-5, atol=1e-8)
+        assert got.dtype == torch.float32
+        np.testing.assert_allclose(got.numpy(), want, rtol=2e-5, atol=1e-8)
         if rule == "dcasgd-a":
-            np.testing.assert_allclose(ms_impl, ms_ref, rtol=1e-5)
+            np.testing.assert_allclose(ms_impl.numpy(), ms_ref, rtol=1e-5)
     if rule != "asgd":  # the compensation is really there
-        plain, _ = dc_delta(g, w_bak, w_now, rule="asgd", lr=0.05, lambda0=0.0)
-        assert np.abs(got - plain).max() > 1e-4
+        plain, _ = dc_delta(*map(torch.from_numpy, (g, w_bak, w_now)), rule="asgd", lr=0.05, lambda0=0.0)
+        assert (got - plain).abs().max() > 1e-4
 
 
 def test_no_compensation_without_staleness():
-    g = np.array([1.0, -2.0, 3.0], np.float32)
-    w = np.array([0.5, 0.5, 0.5], np.float32)
+    g = torch.tensor([1.0, -2.0, 3.0])
+    w = torch.tensor([0.5, 0.5, 0.5])
     for rule in ("dcasgd-c", "dcasgd-a"):
-        d, _ = dc_delta(g, w, w.copy(), rule=rule, lr=0.1, lambda0=2.0)
-        np.testing.assert_allclose(d, -0.1 * g, rtol=1e-6)
+        d, _ = dc_delta(g, w, w.clone(), rule=rule, lr=0.1, lambda0=2.0)
+        np.testing.assert_allclose(d.numpy(), -0.1 * g.numpy(), rtol=1e-6)
 
 
 # --- under mpirun ----------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ from hpcdistill.comm.wait import polite_barrier
 from hpcdistill.config import ConfigError, default_lr, settings_env
 from hpcdistill.data import DataError, TrainStream, open_source
 from hpcdistill.log import Progress, get_logger, setup_logging
-from hpcdistill.metrics import MetricsWriter, checkpoint_dir, metrics_path, write_json_atomic
+from hpcdistill.metrics import MetricsWriter, checkpoint_dir, metrics_path, numbers, write_json_atomic
 from hpcdistill.models import all_finite
 from hpcdistill.summary import RunSummary
 from hpcdistill.training import compose
@@ -267,8 +267,10 @@ class Trainer:
             initial_loss = initial_loss if initial_loss is not None else task
             if topo.rank == s.straggler_rank:
                 time.sleep(s.straggler_delay * (time.perf_counter() - t_step))
-            self.teachers.on_step(step, self._publishable, {"train_loss": loss_ema, "initial_loss": initial_loss})
-            if step % s.log_every == 0 or step == s.steps:
+            health = {"train_loss": loss_ema, "initial_loss": initial_loss}  # tensors: numbers when published
+            self.teachers.on_step(step, self._publishable, health)
+            if step % s.log_every == 0 or step == s.steps:  # the step's one host synchronisation
+                parts = numbers(parts)
                 self.metrics.write(step, lr=lr, **parts, **self.updater.step_metrics())
                 log.info(progress.line(step, samples * self.comm.Get_size(), loss=parts["loss"], lr=lr))
             if step % s.eval_every == 0 and step < s.steps and (val := self._evaluate("val")):
@@ -281,7 +283,8 @@ class Trainer:
             if (saving or step % s.log_every == 0) and self.updater.diverged(self.model):
                 log.error("training diverged at step %d: the weights hold NaN/inf (last training loss %s). "
                           "Stopping without a checkpoint; the older checkpoints are kept. Lower HPCDISTILL_LR "
-                          "(or raise HPCDISTILL_WARMUP_STEPS) and resume or start again.", step, parts["loss"])
+                          "(or raise HPCDISTILL_WARMUP_STEPS) and resume or start again.", step,
+                          numbers(parts)["loss"])
                 self.teachers.on_stop(step, "diverged")
                 diverged = True
                 break
@@ -304,7 +307,7 @@ class Trainer:
             return self._finish(None, stopped=False, diverged=step)
         if not stopped:
             self.teachers.on_end(step, self._publishable(),
-                                 {"train_loss": loss_ema or 0.0, "initial_loss": initial_loss or 0.0})
+                                 numbers({"train_loss": loss_ema or 0.0, "initial_loss": initial_loss or 0.0}))
         return self._finish(self._group_result(step) if not stopped else None, stopped)
 
     def _group_result(self, step: int) -> dict | None:

@@ -22,6 +22,9 @@ def precision(settings, device: torch.device):
 
 
 class Objective:
+    """`objective(model, x, y, step)` -> (loss, parts). The parts are detached 0-d tensors (and counts):
+    the loop turns them into numbers at log steps only, so a GPU step has no host synchronisation."""
+
     KINDS = ("task", "codistill", "label-smoothing", "distill")
 
     def __init__(self, settings, num_classes: int, teachers=None, *, kind: str = "task"):
@@ -40,7 +43,7 @@ class Objective:
         T, a = self.s.temperature, self.alpha(step)
         if self.kind == "task":
             loss = losses.task_loss(z, y)
-            return loss, {"loss": loss.item()}
+            return loss, {"loss": loss.detach()}
         if self.kind == "distill":
             with precision(self.s, x.device):
                 v = [t.float() for t in self.teachers.logits(x)]
@@ -50,16 +53,16 @@ class Objective:
                 loss = (1 - a) * task + a * soft
             else:
                 loss = losses.hinton_loss(z, y if a < 1 else None, v, temperature=T, alpha=a)
-            return loss, {"loss": loss.item()}
+            return loss, {"loss": loss.detach()}
         if self.kind == "label-smoothing":
             task = losses.task_loss(z, y)
             target = losses.smoothed_labels(y, self.num_classes, self.s.label_smoothing)
             distill = losses.distillation_loss(z, target, T) if a > 0 else z.new_zeros(())
             loss = task + a * distill
-            return loss, {"loss": loss.item(), "task_loss": task.item(), "distill_loss": distill.item()}
+            return loss, {"loss": loss.detach(), "task_loss": task.detach(), "distill_loss": distill.detach()}
         with precision(self.s, x.device):
             peers = teachers_forward(self.teachers.teachers_for(step), x) if a > 0 else []
         peers = [v.float() for v in peers]
         loss, task, distill = losses.codistill_loss(z, y, peers, temperature=T, alpha=a)
-        return loss, {"loss": loss.item(), "task_loss": task.item(), "distill_loss": distill.item(),
+        return loss, {"loss": loss.detach(), "task_loss": task.detach(), "distill_loss": distill.detach(),
                       "teachers": len(peers)}
