@@ -108,6 +108,7 @@ hpcd_setup() {
 
     # Shared filesystems (Lustre, GPFS, NFS) often lack the locks HDF5 wants: checkpoints are written
     # atomically (temporary name + rename), so HDF5's own locking is not needed.
+    hpcd_gpus
     export HDF5_USE_FILE_LOCKING="${HDF5_USE_FILE_LOCKING:-FALSE}"
     export OMP_NUM_THREADS="${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}"
     if [ "$(id -u)" = 0 ]; then  # Open MPI refuses root unless told
@@ -123,6 +124,21 @@ hpcd_setup() {
     fi
     case "$HPCDISTILL_RUN_DIR" in /*) ;; *) HPCDISTILL_RUN_DIR="$PWD/$HPCDISTILL_RUN_DIR" ;; esac
     export HPCDISTILL_RUN_DIR
+}
+
+# --- GPUs: a job given GPUs trains on them, one rank per GPU ----------------------------------------
+# With --gpus-per-node (or --gpus, --gpus-per-task) Slurm sets SLURM_GPUS_ON_NODE; HPCDISTILL_DEVICE
+# then defaults to cuda, so a node whose GPUs do not work fails in seconds (exit 2) instead of training
+# on its CPUs. A rank takes GPU (local rank mod GPUs it sees): ask for as many tasks per node as GPUs.
+hpcd_gpus() {
+    local gpus="${SLURM_GPUS_ON_NODE:-0}" tasks="${SLURM_TASKS_PER_NODE:-}"
+    [[ "$gpus" =~ ^[0-9]+$ ]] && [ "$gpus" -gt 0 ] || return 0
+    export HPCDISTILL_DEVICE="${HPCDISTILL_DEVICE:-cuda}"
+    tasks="${tasks%%(*}"; tasks="${tasks%%,*}"   # "4(x2)" or "4,3": the first node's count
+    hpcd_log "GPUs: $gpus on this node, ${tasks:-?} task(s) per node; HPCDISTILL_DEVICE=$HPCDISTILL_DEVICE"
+    if [[ "$tasks" =~ ^[0-9]+$ ]] && [ "$tasks" -ne "$gpus" ]; then
+        hpcd_log "warning: $tasks tasks per node on $gpus GPU(s): submit with --ntasks-per-node=$gpus (one rank per GPU)"
+    fi
 }
 
 # --- validation: a bad setting ends the job here, in a second, with the reason in the output file ------

@@ -83,3 +83,20 @@ def test_bad_choices_are_refused(tmp_path):
     assert proc.returncode != 0 and "CUDA 11.8" in proc.stderr and "HPCD_TORCH_INDEX" in proc.stderr
     proc, _ = plan(tmp_path, HPCD_CUDA="maybe")
     assert proc.returncode != 0 and "HPCD_CUDA=maybe" in proc.stderr
+
+
+@pytest.mark.parametrize("env,device,warned", [
+    ({"SLURM_GPUS_ON_NODE": "4", "SLURM_TASKS_PER_NODE": "4(x2)"}, "cuda", False),
+    ({"SLURM_GPUS_ON_NODE": "4", "SLURM_TASKS_PER_NODE": "8"}, "cuda", True),
+    ({"SLURM_GPUS_ON_NODE": "2", "SLURM_TASKS_PER_NODE": "2", "HPCDISTILL_DEVICE": "cpu"}, "cpu", False),
+    ({"SLURM_TASKS_PER_NODE": "4"}, "", False),                        # a CPU job: nothing changes
+])
+def test_slurm_jobs_given_gpus_train_on_them(env, device, warned):
+    """slurm/common.sh's hpcd_gpus, the part of every template that reads the job's GPUs (the local
+    Slurm of test_slurm has none to give)."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "HPCDISTILL_"))}
+    script = f'source "{ROOT}/slurm/common.sh"; hpcd_gpus; echo "device=$HPCDISTILL_DEVICE"'
+    proc = subprocess.run(["bash", "-c", script], env={**base, **env}, capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines()[-1] == f"device={device}"
+    assert ("--ntasks-per-node=" in proc.stdout) == warned
