@@ -123,7 +123,9 @@ class Seeded(Dataset):
             out = []
             for i, key in items:
                 if key is not None:
-                    torch.manual_seed(key)
+                    # the CPU generator alone: torch.manual_seed also seeds CUDA, XPU and MTIA lazily,
+                    # formatting a stack trace for each (1.7 ms a sample: 0.36x a plain loop's speed)
+                    torch.default_generator.manual_seed(key)
                     np.random.seed(key % 2**32)
                     random.seed(key)
                 out.append(self.dataset[i])
