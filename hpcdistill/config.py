@@ -176,6 +176,13 @@ class Settings(BaseSettings):
     param_hosts: str = Field(
         "0", description="ranks (within the group) hosting the parameter windows in async, separated by ':' or ',' "
                          "(e.g. 0:8; ':' survives sbatch --export)")
+    async_schedule: Literal["free", "round-robin"] = Field(
+        "free", description="async: free (workers push as they finish) or round-robin (workers take turns "
+                            "through an RMA counter: every gradient is exactly workers-1 updates stale, on any "
+                            "number of cores)")
+    dc_meansq_bias_correction: bool = Field(
+        False, description="DC-ASGD-a: divide the mean square by 1 - m^t (Adam's correction; the paper has none: "
+                           "without it a worker's first updates get lambda_t ~ lambda0 / (|g| sqrt(1-m)))")
     staleness_bound: Optional[int] = Field(
         None, ge=0, description="SSP bound s: a worker s updates ahead of the slowest waits; empty = unbounded")
     straggler_rank: Optional[int] = Field(
@@ -425,7 +432,7 @@ def _explain(exc: ValidationError) -> str:
 
 
 # The dataset kinds of the built-in datasets, for computed defaults before `data prepare` has run.
-BUILTIN_KINDS = {"digits": "image", "text": "sequence"}
+BUILTIN_KINDS = {"digits": "image", "digits-aug": "image", "text": "sequence"}
 
 
 def default_lr(settings: Settings, kind: str | None) -> float | None:

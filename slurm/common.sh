@@ -154,7 +154,7 @@ hpcd_validate() {
     if [ "$HPCD_PREPARE" = 1 ]; then
         local data_dir="${HPCDISTILL_DATA_DIR:-datasets}" dataset="${HPCDISTILL_DATASET:-digits}"
         case "$dataset" in
-            digits|text)
+            digits|digits-aug|text)
                 if [ ! -f "$data_dir/$dataset/train.h5" ]; then
                     hpcd_log "preparing the $dataset dataset in $data_dir"
                     hpcdistill data prepare "$dataset" || hpcd_die "hpcdistill data prepare $dataset failed" 2

@@ -363,6 +363,21 @@ def test_train_async_dcasgd_a_on_digits(tmp_path, data_dir):
 
 
 @needs_mpi
+@pytest.mark.parametrize("workers", [3, 8])
+def test_round_robin_schedule_makes_staleness_exactly_workers_minus_one(tmp_path, data_dir, workers):
+    """HPCDISTILL_ASYNC_SCHEDULE=round-robin on 2 cores (8 workers oversubscribed): after the first round
+    every gradient is exactly M - 1 updates stale; the first round's are 0 .. M - 2 (and one M - 1)."""
+    run, steps = tmp_path / "run", 30
+    train(workers + 1, run, mode="async", async_schedule="round-robin", async_rule="dcasgd-a",
+          dc_meansq_bias_correction="true", data_dir=data_dir, steps=steps, timeout=300)
+    a = json.loads((run / "summary.json").read_text())["async"]
+    assert a["schedule"] == "round-robin" and a["meansq_bias_correction"] is True
+    assert a["updates"] == workers * steps and a["worker_updates"] == [steps] * workers
+    assert a["staleness_counts"] == [1] * (workers - 1) + [workers * steps - (workers - 1)]
+    assert a["staleness"]["p50"] == a["staleness"]["max"] == workers - 1
+
+
+@needs_mpi
 def test_codistill_with_async_groups(tmp_path, data_dir):
     run = tmp_path / "run"
     train(6, run, mode="codistill", group_mode="async", groups=2, data_dir=data_dir, steps=120, exchange_every=40,

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from hpcdistill.data import DataError, dataset_info, import_arrays, prepare
-from hpcdistill.data.builtin import SEQ_LEN, text_corpus, text_regions
+from hpcdistill.data.builtin import SEQ_LEN, _digits, _digits_aug, text_corpus, text_regions
 from hpcdistill.data.format import read_split_attrs
 
 from conftest import flip_stored_byte
@@ -44,6 +44,32 @@ def test_digits_layout_and_values(data_dir):
             assert f["x"].chunks is not None
     counts = np.bincount(read(info.file("test"))[1])
     assert counts.min() >= 35 and counts.max() <= 37
+
+
+def test_digits_aug_grows_each_split_from_its_own_digits(tmp_path):
+    """digits-aug: 60k / 5k / 10k images in [0, 1], every class in every split, the same bytes from the
+    same seed; and made from each split's own digits only (shown with source splits told apart by
+    their brightness: blank train digits, full val and test ones)."""
+    prepare("digits-aug", tmp_path)
+    info = dataset_info(tmp_path, "digits-aug")
+    assert info.sizes == {"train": 60_000, "val": 5_000, "test": 10_000}
+    assert (info.kind, info.num_classes, info.input_shape) == ("image", 10, (1, 8, 8))
+    for split in ("train", "test"):
+        x, y, attrs = read(info.file(split))
+        assert x.dtype == np.float32 and 0.0 <= x.min() and x.max() <= 1.0
+        assert set(np.unique(y)) == set(range(10)) and "affine" in attrs["source"]
+    again = tmp_path / "again"
+    prepare("digits-aug", again)
+    assert read_split_attrs(dataset_info(again, "digits-aug").file("test"))["sha256"] == \
+        read_split_attrs(info.file("test"))["sha256"]
+
+    def marked(seed):
+        for split, (x, y), attrs in _digits(seed):
+            yield split, (np.full_like(x, 0.0 if split == "train" else 1.0), y), attrs
+
+    made = {split: x for split, (x, _), _ in _digits_aug(0, source=marked)}
+    assert made["train"].mean() < 0.05 and made["test"].mean() > 0.6 and made["val"].mean() > 0.6
+    assert made["train"].max() < 0.5  # noise alone: nothing of a test or val digit
 
 
 def test_prepare_is_idempotent_and_rejects_unknown(data_dir):

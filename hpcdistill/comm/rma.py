@@ -253,16 +253,19 @@ class CounterWindow(AtomicInt64Array):
 
 
 class ClockWindow(AtomicInt64Array):
-    """Stop flag, per-worker clocks (updates done) and per-worker finished flags, on one rank.
+    """Stop flag, per-worker clocks (updates done), per-worker finished flags and the round-robin
+    turn (updates pushed and pulled in turn), on one rank.
 
-    Layout: [stop, clock_0 .. clock_{W-1}, done_0 .. done_{W-1}]; worker w writes only its own slots,
-    anyone raises the stop flag, everyone reads the whole array with one atomic read."""
+    Layout: [stop, clock_0 .. clock_{W-1}, done_0 .. done_{W-1}, turn]; worker w writes only its own
+    slots and the turn when it holds it, anyone raises the stop flag, everyone reads the whole array
+    with one atomic read."""
 
     STOP = 0
 
     def __init__(self, comm, host: int, workers: int):
         self.workers = int(workers)
-        super().__init__(comm, host, 1 + 2 * self.workers)
+        self.TURN = 1 + 2 * self.workers
+        super().__init__(comm, host, 2 + 2 * self.workers)
 
     def clock_slot(self, w: int) -> int:
         return 1 + w
@@ -270,12 +273,14 @@ class ClockWindow(AtomicInt64Array):
     def done_slot(self, w: int) -> int:
         return 1 + self.workers + w
 
-    def split(self, values: np.ndarray) -> tuple[bool, np.ndarray, np.ndarray]:
-        """(stop raised, clocks, done flags) from a read_all() result."""
+    def split(self, values: np.ndarray, turn: bool = False) -> tuple:
+        """(stop raised, clocks, done flags[, turn]) from a read_all() result."""
         w = self.workers
-        return bool(values[0]), values[1:1 + w], values[1 + w:1 + 2 * w].astype(bool)
+        parts = (bool(values[0]), values[1:1 + w], values[1 + w:1 + 2 * w].astype(bool))
+        return (*parts, int(values[self.TURN])) if turn else parts
 
-    def initial(self, clocks) -> np.ndarray:
+    def initial(self, clocks, turn: int = 0) -> np.ndarray:
         values = np.zeros(self.length, np.int64)
         values[1:1 + self.workers] = clocks
+        values[self.TURN] = turn
         return values

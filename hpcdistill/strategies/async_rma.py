@@ -18,6 +18,14 @@ an access (passive target) and only poll MPI until the workers are done. A worke
            staleness = v_push - v_pull (updates pushed by others between the pull and the push)
            eta = lr, or lr / max(1, v_now - v_pull) with HPCDISTILL_ASYNC_LR=staleness-aware
 
+HPCDISTILL_ASYNC_SCHEDULE=round-robin makes the staleness exact instead of whatever the machine gives:
+worker i's k-th update is global update u = v0 + k M + i (M workers). It waits until the turn counter
+(a slot of the clock window) reads u, pushes, pulls the weights (which now hold updates ..u) and sets
+the turn to u + 1; its next gradient is computed on those weights and pushed as update u + M, so every
+gradient after the first round is exactly M - 1 updates stale, on 2 cores or 2000. The first round
+pulls the initial weights together (staleness 0 .. M-1). A stop flag, or the turn's owner having
+finished, releases the waiting workers into the free schedule.
+
 The update is plain SGD plus the compensation: the optimizer's momentum is not applied (a per-worker
 momentum buffer would add a second, uncompensated source of staleness; the paper's DC-ASGD has none).
 docs/async.md explains the design: hosts, SSP, stop flag, snapshots, checkpoints and resume.
@@ -44,15 +52,17 @@ RULES = tuple(ASYNC_RULES)  # config.ASYNC_RULES is the table; dc_delta below im
 
 def dc_delta(g: torch.Tensor, w_bak: torch.Tensor, w_now: torch.Tensor | None, *, rule: str, lr: float,
              lambda0: float, meansq: torch.Tensor | None = None, decay: float = 0.95,
-             eps: float = MEANSQ_EPS, out: torch.Tensor | None = None,
-             scratch: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+             eps: float = MEANSQ_EPS, out: torch.Tensor | None = None, scratch: torch.Tensor | None = None,
+             correction: float = 1.0) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The pushed delta -lr * g_tilde of one DC-ASGD update, and the worker's new mean square.
 
     g_tilde = g + lambda_t * g * g * (w_now - w_bak); lambda_t = lambda0 (dcasgd-c) or, per element,
-    lambda0 / sqrt(MS + eps) with MS <- decay * MS + (1 - decay) * g * g (dcasgd-a; MS starts at 0);
-    asgd: g_tilde = g. float32 tensors on one device, the model's: on a GPU the arithmetic stays there
-    (one more host-to-device copy, of w_now, instead of a gradient's worth of host passes); on the host
-    torch and NumPy take the same time (one thread: 3.3 ms each at 1M elements, 52.7 vs 48.3 ms at 10M).
+    lambda0 / sqrt(MS / correction + eps) with MS <- decay * MS + (1 - decay) * g * g (dcasgd-a; MS
+    starts at 0; `correction` = 1 - m^t after a worker's t-th update with
+    HPCDISTILL_DC_MEANSQ_BIAS_CORRECTION, else 1, the paper's rule); asgd: g_tilde = g.
+    float32 tensors on one device, the model's: on a GPU the arithmetic stays there (one more
+    host-to-device copy, of w_now, instead of a gradient's worth of host passes); on the host torch and
+    NumPy take the same time (one thread: 3.3 ms each at 1M elements, 52.7 vs 48.3 ms at 10M).
     `meansq` is updated in place when given. Every step works in place in `out` and `scratch` (buffers
     of g's size, allocated when not given): a model-sized temporary per operation would cost more than
     the arithmetic."""
@@ -70,7 +80,7 @@ def dc_delta(g: torch.Tensor, w_bak: torch.Tensor, w_now: torch.Tensor | None, *
     out.mul_(gg)                                     # g * g * (w_now - w_bak)
     if rule == "dcasgd-a":
         meansq = _update_meansq(gg, meansq, decay)   # consumes gg
-        torch.add(meansq, eps, out=gg).sqrt_()
+        torch.mul(meansq, 1.0 / correction, out=gg).add_(eps).sqrt_()
         out.div_(gg)
     out.mul_(lambda0).add_(g).mul_(-lr)
     return out, meansq
@@ -104,7 +114,8 @@ def pooled_summary(parts: list[dict]) -> dict:
         "updates": sum(p["updates"] for p in parts), "updates_this_run": sum(p["updates_this_run"] for p in parts),
         "staleness": staleness_stats(counts), "staleness_counts": counts.tolist(),
         "updates_per_second": sum(p["updates_per_second"] for p in parts),
-        **{k: first[k] for k in ("lambda0", "meansq_decay", "staleness_bound", "lr_rule", "momentum_applied")},
+        **{k: first[k] for k in ("lambda0", "meansq_decay", "staleness_bound", "lr_rule", "momentum_applied",
+                                 "schedule", "meansq_bias_correction")},
         "ssp": {"max_lead": max(p["ssp"]["max_lead"] for p in parts),
                 "waits": sum(p["ssp"]["waits"] for p in parts),
                 "wait_seconds": sum(p["ssp"]["wait_seconds"] for p in parts)},
@@ -168,6 +179,10 @@ class AsyncUpdater:
         self.decay = float(settings.dc_meansq_decay)
         self.lr_rule = settings.async_lr
         self.bound = settings.staleness_bound
+        self.round_robin = settings.async_schedule == "round-robin"
+        self.bias_correction = bool(settings.dc_meansq_bias_correction)
+        self.turn = self.turn0 = 0    # round-robin: this worker's next global update number, the first
+        self.v_pulled = None          # round-robin: version of the weights pulled at the end of a turn
         self.weight_decay = float(getattr(settings, "weight_decay", 0.0) or 0.0)
         # Codistill with peer teachers: the loop's teacher refresh is collective in `comm` at every
         # multiple of exchange_every, at the end of burn-in and at any step where a teacher goes
@@ -245,10 +260,11 @@ class AsyncUpdater:
                 log.warning("checkpoint has clocks for %d workers, this run has %d: every worker resumes at "
                             "step %d", clocks.size, W, step)
             clocks = np.full(W, int(step), np.int64)
-        elif self.stop_every is not None and np.any(clocks != step):
+        elif (self.stop_every is not None or self.round_robin) and np.any(clocks != step):
             # Codistill: the teacher refreshes are collective at given steps, so every worker must pass
-            # the same steps from here on: all resume at the checkpoint's step (a few updates of the
-            # workers that were ahead or behind are skipped or done again; the version goes on).
+            # the same steps from here on; round-robin: every worker must have as many turns left. All
+            # resume at the checkpoint's step (a few updates of the workers that were ahead or behind
+            # are skipped or done again; the version goes on).
             clocks = np.full(W, int(step), np.int64)
         saved_version = np.asarray(self._loaded.get("async_version", []), np.int64).reshape(-1)
         version0 = int(saved_version[0]) if saved_version.size else int(clocks.sum())
@@ -260,8 +276,12 @@ class AsyncUpdater:
         if self.index == 0:
             self.weights.put(self.flat_param.detach().to("cpu", copy=True).numpy())
             self.version.write_all([version0])
-            self.clocks.write_all(self.clocks.initial(clocks))
+            self.clocks.write_all(self.clocks.initial(clocks, turn=version0))
         polite_barrier(self.comm)
+        if self.round_robin:  # everyone holds the initial weights before the first turn is taken
+            self.turn0, self.turn = version0, version0 + self.index
+            self.v_pulled = self._pull()
+            polite_barrier(self.comm)
         self._model = model
         self.clock = self.start_clock = int(clocks[self.index])
         self.version0 = self.last_version = version0
@@ -322,10 +342,33 @@ class AsyncUpdater:
             self.ssp_waits += 1
             self.ssp_wait_seconds += time.perf_counter() - t0
 
+    def _pull(self) -> int:
+        """The version, then the weights into the host staging buffer; returns the version."""
+        version = self.version.value()
+        self.weights.get(self.pulled.numpy())
+        return version
+
+    def _await_turn(self) -> None:
+        """Round-robin: wait until the turn counter reaches this worker's update number. A stop flag,
+        or the worker whose turn it is having finished, ends the schedule (free from then on)."""
+        pause = 0.0001
+        while self.round_robin:
+            stop, _, done, turn = self.clocks.split(self.clocks.read_all(), turn=True)
+            if turn == self.turn:
+                return
+            if stop or done[(turn - self.turn0) % self.num_workers]:
+                self.stop_seen = self.stop_seen or stop
+                self.round_robin = False
+                log.warning("round-robin schedule ended at update %d (%s): the workers push freely from here",
+                            turn, "stop flag" if stop else "the worker in turn has finished")
+                return
+            time.sleep(pause)
+            pause = min(0.002, pause * 2)
+
     def step(self, model, compute_loss, lr: float) -> dict:
         self._ssp_gate()
-        v_pull = self.version.value()
-        self.weights.get(self.pulled.numpy())
+        held = self.round_robin and self.v_pulled is not None
+        v_pull = self.v_pulled if held else self._pull()
         w_bak = self.flat_param  # the weights the gradient is computed at (nothing steps them)
         with torch.no_grad():
             w_bak.copy_(self.pulled, non_blocking=self.gpu)
@@ -337,6 +380,7 @@ class AsyncUpdater:
                            for p in self.params], out=self.grad)
             if self.weight_decay:
                 g.add_(w_bak, alpha=self.weight_decay)
+            self._await_turn()  # round-robin: push in turn (w_now is then exactly M - 1 updates on)
             w_now = None
             if self.rule != "asgd" and self.lambda0 != 0:
                 self.weights.get(self.now_host.numpy())
@@ -344,11 +388,17 @@ class AsyncUpdater:
             eta = lr
             if self.lr_rule == "staleness-aware":
                 eta = lr / max(1, self.version.value() - v_pull)
+            correction = 1 - self.decay ** (len(self.staleness) + 1) if self.bias_correction else 1.0
             delta, self.meansq = dc_delta(g, w_bak, w_now, rule=self.rule, lr=eta, lambda0=self.lambda0,
-                                          meansq=self.meansq, decay=self.decay, out=self.delta, scratch=self.scratch)
+                                          meansq=self.meansq, decay=self.decay, out=self.delta,
+                                          scratch=self.scratch, correction=correction)
             if self.gpu:
                 self.delta_host.copy_(delta)  # waits for the device: the push needs the numbers
         v_push = self.weights.accumulate(self.delta_host.numpy(), then=self._count_update)
+        if self.round_robin:  # still in turn: pull what the next gradient is computed on, pass the turn
+            self.v_pulled = self._pull()
+            self.turn += self.num_workers
+            self.clocks.set(self.clocks.TURN, v_push + 1)
         self.clock += 1
         self.last_staleness = v_push - v_pull
         self.last_version = v_push + 1
@@ -473,7 +523,8 @@ class AsyncUpdater:
             "staleness": staleness_stats(counts), "staleness_counts": counts.tolist(),
             "updates_per_second": float((final - self.version0) / wall),
             "lambda0": self.lambda0, "meansq_decay": self.decay if self.rule == "dcasgd-a" else None,
-            "staleness_bound": self.bound, "lr_rule": self.lr_rule,
+            "staleness_bound": self.bound, "lr_rule": self.lr_rule, "schedule": self.s.async_schedule,
+            "meansq_bias_correction": self.bias_correction if self.rule == "dcasgd-a" else None,
             "ssp": {"max_lead": int(max(e["max_lead"] for e in everyone)),
                     "waits": int(sum(e["ssp_waits"] for e in everyone)),
                     "wait_seconds": float(sum(e["ssp_wait_seconds"] for e in everyone))},
