@@ -173,7 +173,11 @@ hpcd_launch() {
         hpcd_log "srun --mpi=$HPCD_MPI $HPCD_SRUN_ARGS hpcdistill train (${SLURM_NTASKS:-?} tasks on ${SLURM_JOB_NUM_NODES:-?} node(s))"
         local srun_args
         read -ra srun_args <<< "$HPCD_SRUN_ARGS"   # split on blanks, never glob-expanded
-        srun --mpi="$HPCD_MPI" --kill-on-bad-exit=1 "${srun_args[@]}" hpcdistill train &
+        # Every rank exits 75 together on a stop, but not at the same instant: with --kill-on-bad-exit=1
+        # srun took the first 75 for a failure and killed a rank still finalizing (exit 143, no
+        # requeue; test_slurm, 1 run in 5). --wait=60 instead: once the first task has ended, the
+        # others get 60 s to end too (a crashed rank's peers blocked in a collective are then killed).
+        srun --mpi="$HPCD_MPI" --kill-on-bad-exit=0 --wait=60 "${srun_args[@]}" hpcdistill train &
         HPCD_SRUN_PID=$!
         # Poll instead of a bare `wait`, so a trapped signal is handled (and forwarded) at once, and
         # re-forwarded every HPCD_RESEND s while no checkpoint has appeared since, in case it reached

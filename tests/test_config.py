@@ -48,6 +48,8 @@ BAD = {
     "DC_LAMBDA": ("-1", "greater than or equal to 0"),
     "DC_MEANSQ_DECAY": ("1.0", "less than 1"),
     "PARAM_HOSTS": ("a,b", "list of non-negative ranks separated by ':' or ','"),
+    "ASYNC_SCHEDULE": ("lockstep", "round-robin"),
+    "DC_MEANSQ_BIAS_CORRECTION": ("maybe", "valid boolean"),
     "STALENESS_BOUND": ("-2", "greater than or equal to 0"),
     "STRAGGLER_RANK": ("x", "valid integer"),
     "STRAGGLER_DELAY": ("-1", "greater than or equal to 0"),
