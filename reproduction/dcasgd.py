@@ -51,7 +51,7 @@ def sizes(quick: bool) -> dict:
 def _settings(z: dict, M: int, seed: int) -> dict:
     return {"HPCDISTILL_DATASET": "digits-aug", "HPCDISTILL_MODEL": "mlp", "HPCDISTILL_OPTIMIZER": "sgd",
             "HPCDISTILL_MOMENTUM": 0, "HPCDISTILL_LR": z["lr"], "HPCDISTILL_BATCH_SIZE": z["batch"],
-            "HPCDISTILL_STEPS": z["updates"] // M, "HPCDISTILL_WARMUP_STEPS": max(1, round(z["warmup_updates"] / M)),
+            "HPCDISTILL_STEPS": z["updates"] // M, "HPCDISTILL_WARMUP_STEPS": -(-z["warmup_updates"] // M),
             "HPCDISTILL_EVAL_EVERY": 100000, "HPCDISTILL_CHECKPOINT_EVERY": 100000,
             "HPCDISTILL_KEEP_CHECKPOINTS": 1, "HPCDISTILL_LOG_EVERY": 10, "HPCDISTILL_SEED": seed}
 
