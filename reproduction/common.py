@@ -166,7 +166,14 @@ def predict(model, split_h5: Path, limit: int | None = None) -> tuple[np.ndarray
     return np.concatenate(logits), np.concatenate(labels)
 
 
-# --- statistics ---------------------------------------------------------------------------------
+# --- statistics and tables -----------------------------------------------------------------------
+
+def table(header: list, rows: list) -> str:
+    """hpcdistill.report.markdown_table (the one table helper), a missing value shown as an em dash."""
+    from hpcdistill.report import markdown_table
+
+    return markdown_table(header, rows, missing="—")
+
 
 def mean_std(values) -> tuple[float, float, int]:
     vals = [float(v) for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]

@@ -15,11 +15,11 @@ import codistill
 import dcasgd
 import distill
 
-from hpcdistill.report import markdown_table
-
-from common import REPO, RUNS, mean_std
+from common import REPO, RUNS, mean_std, table
+from stats import MIN_SEEDS, Row
 
 DOC = REPO / "docs" / "reproduction.md"
+JSON = REPO / "docs" / "reproduction.json"
 IMG = REPO / "docs" / "img" / "reproduction"
 REL = "img/reproduction"  # from docs/
 NOTES = REPO / "reproduction" / "notes.md"
@@ -28,11 +28,6 @@ NOTES = REPO / "reproduction" / "notes.md"
 def _load(name: str) -> dict | None:
     path = RUNS / f"results-{name}.json"
     return json.loads(path.read_text()) if path.exists() else None
-
-
-def _table(header: list, rows: list) -> str:
-    """hpcdistill.report.markdown_table (the one table helper), a missing value shown as an em dash."""
-    return markdown_table(header, rows, missing="—")
 
 
 def _clearly(a: list, b: list) -> bool:
@@ -98,7 +93,7 @@ def _codistill(res: dict) -> tuple[str, list]:
            "columns count both group models.\n"]
     header = ["run", "ranks", "models", "final val loss", "test loss", "test acc %", "steps to sync-4 final",
               "steps to sync-2 final", "ensemble acc %", "wall s"]
-    out.append(_table(header, [[r["name"], r["ranks"], r["models"], r["val_loss"], r["test_loss"], r["test_accuracy"],
+    out.append(table(header, [[r["name"], r["ranks"], r["models"], r["val_loss"], r["test_loss"], r["test_accuracy"],
                                 r.get("steps_to_sync-4"), r.get("steps_to_sync-2"), r.get("ensemble_accuracy"),
                                 r["wall_seconds"]] for r in res["rows"]]))
     pairs = [(a, b) for a, b in (("sync-4", "sync-2"), ("codistill", "sync-2"), ("codistill", "sync-4"),
@@ -111,13 +106,13 @@ def _codistill(res: dict) -> tuple[str, list]:
     if rows:
         out.append("\nPaired differences of the final validation loss (same seed and group, so the same "
                    "initialisation; negative = the first is better):\n")
-        out.append(_table(["difference", "pairs", "mean ± std"], rows))
+        out.append(table(["difference", "pairs", "mean ± std"], rows))
     cd = [r for r in res["rows"] if r.get("staleness_mean")]
     if cd:
         out.append("\nExchange statistics (summary.json `codistill`): teacher staleness in steps "
                    "(mean / max, as the trainer measures it), teachers loaded, seconds spent publishing and "
                    "loading checkpoints, and churn between the two groups of one run.\n")
-        out.append(_table(["run", "staleness mean", "staleness max", "teachers loaded", "exchange s", "group churn %"],
+        out.append(table(["run", "staleness mean", "staleness max", "teachers loaded", "exchange s", "group churn %"],
                           [[r["name"], r["staleness_mean"], r["staleness_max"], r["teachers_loaded"],
                             r["exchange_seconds"], r["within_run_churn"]] for r in cd]))
     if res.get("churn"):
@@ -126,7 +121,7 @@ def _codistill(res: dict) -> tuple[str, list]:
                    "compares the final model of seed a with that of seed b (for runs with 2 groups: group g of seed a "
                    "vs group g of seed b), recomputed here from the HDF5 checkpoints. The label-smoothing retrains are "
                    "the control: a soft target without a peer.\n")
-        out.append(_table(["pair", "pairs", "churn %"], [[k, v["pairs"], v["text"]] for k, v in res["churn"].items()]))
+        out.append(table(["pair", "pairs", "churn %"], [[k, v["pairs"], v["text"]] for k, v in res["churn"].items()]))
     return "\n".join(out), _codistill_verdicts(res)
 
 
@@ -192,115 +187,7 @@ def _codistill_verdicts(res: dict) -> list:
 # --- experiment 2 ---------------------------------------------------------------------------------
 
 def _dcasgd(res: dict) -> tuple[str, list]:
-    z = res["sizes"]
-    out = ["## 2. DC-ASGD (Zheng et al. 2017)\n",
-           f"`digits` (1257 training images), the default `mlp` (2 x 256), plain SGD at lr {z['lr']} (the best of "
-           f"0.1 / 0.25 / 0.5 for sequential SGD in a trial with seed 0) without momentum for every method "
-           f"(the async updater applies none), per-worker batch {z['batch']}, and the "
-           f"same number of training samples for every method: {z['total_steps']} steps for sequential SGD, "
-           f"{z['total_steps']} / M steps per worker (async) or per rank (sync) with M workers. Async runs have "
-           f"one parameter-host rank besides the M workers (-np M+1), all oversubscribed on 2 cores. "
-           f"Sequential SGD is the async path with a single worker. Seeds {res['seeds']}.\n",
-           "Test error % (360 test images; the paper's Table 1 layout):\n"]
-    t = res["table"]
-    out.append(_table(["workers", "sequential SGD", "ASGD", "SSGD (sync)", "DC-ASGD-c", "DC-ASGD-a"],
-                      [[f"M = {M}", r["sequential"], r["asgd"], r["sync"], r["dcasgd-c"], r["dcasgd-a"]]
-                       for M, r in t.items()]))
-    out.append("\nPaper (CIFAR-10 ResNet-20, test error %): M = 4: 8.65 / 9.27 / 9.17 / 8.67 / 8.19; "
-               "M = 8: 8.65 / 10.26 / 10.10 / 9.27 / 8.57.\n")
-    if all("asgd_loss" in r for r in t.values()):
-        out.append("Test loss (cross-entropy on the same 360 images; continuous, so less coarse than the error; "
-                   "a run whose loss became NaN is left out of the mean and counted in the last column):\n")
-        out.append(_table(["workers", "sequential SGD", "ASGD", "SSGD (sync)", "DC-ASGD-c", "DC-ASGD-a",
-                           "diverged runs"],
-                          [[f"M = {M}", r["sequential_loss"], r["asgd_loss"], r["sync_loss"], r["dcasgd-c_loss"],
-                            r["dcasgd-a_loss"], ", ".join(f"{k} {r[k + '_diverged']}"
-                                                          for k in ("asgd", "sync", "dcasgd-c", "dcasgd-a")
-                                                          if r.get(k + "_diverged"))or "none"]
-                           for M, r in t.items()]))
-    if res.get("lambda_sweep"):
-        out.append(f"\n**Strength of the compensation** (M = 8, lr {z['lr']}, seeds {res['seeds']}): the defaults are "
-                   "the papers' (0.04 for DC-ASGD-c, MXNet's; 2 for DC-ASGD-a, the authors'). For a parameter with a "
-                   "steady gradient g, DC-ASGD-a's term is about lambda0 * |g| * (w_now - w_bak) * sign(g), and "
-                   "w_now - w_bak is about -lr * staleness * g: the compensation flips the sign of the update once "
-                   "lr * staleness * lambda0 * |g| exceeds 1, which at lr 0.5 and lambda0 2 happens for |g| above ~0.3 "
-                   "(the output layer's early gradients).\n")
-        out.append(_table(["rule", "test error %", "test loss", "diverged"],
-                          [[k, v["error"], v["loss"], f"{v['diverged']}/{v['runs']}"]
-                           for k, v in res["lambda_sweep"].items()]))
-    if res["staleness"]:
-        out.append("\nStaleness each async run saw (updates by other workers between a worker's pull and its push; "
-                   "summary.json `async.staleness`):\n")
-        out.append(_table(["run", "mean", "p50", "p99", "max"],
-                          [[k, v["mean"], v["p50"], v["p99"], v["max"]] for k, v in res["staleness"].items()]))
-    if res.get("alt_lr"):
-        out.append(f"\n**Learning-rate sensitivity** (the same at lr {z['alt_lr']} instead of {z['lr']}, M = 8, seeds "
-                   f"{res.get('alt_lr_seeds')}): "
-                   "\"diverged\" counts runs whose logged training loss became NaN.\n")
-        out.append(_table(["run", "test error %", "diverged"],
-                          [[k, v["error"], f"{v['diverged']}/{v['runs']}"] for k, v in res["alt_lr"].items()]))
-    if res["throughput"]:
-        tz = z.get("tput", {"workers": 4, "model": "mlp", "lr": z["alt_lr"]})
-        W = tz["workers"]
-        out.append(f"\n**Throughput with a straggler**: sync with {W} ranks against DC-ASGD-a with {W} workers + 1 "
-                   f"host, `{tz['model']}`, lr {tz['lr']}, one worker per core; the last worker sleeps "
-                   f"{z['straggler_delay']:.0f}x its step time (runs 2x slower); each pair of runs back to back. "
-                   "Training samples per second over the lead worker's logged span (start-up and teardown excluded; "
-                   "async counts every worker's updates via the global update counter; the lead is never the "
-                   f"straggler). Ideal: sync drops to 0.5x (every step waits for the straggler), async to "
-                   f"({W} - 0.5) / {W} = {(W - 0.5) / W:.3g}x. \"Updates share\" (async only, independent of the "
-                   f"machine's speed): global updates per lead-worker step / {W}.\n")
-        out.append(_table(["method", "pairs", "samples/s, no straggler", "samples/s, straggler", "ratio",
-                           "updates share, no straggler", "updates share, straggler"],
-                          [[k, v.get("pairs"), v["normal"], v["straggler"], v["ratio"], v.get("updates_share_normal"),
-                            v.get("updates_share")] for k, v in res["throughput"].items()]))
-    return "\n".join(out), _dcasgd_verdicts(res)
-
-
-def _dcasgd_verdicts(res: dict) -> list:
-    v, t = [], res["table"]
-    Ms = sorted(t, key=int)
-    if all(t[M].get("asgd_mean") is not None for M in Ms) and len(Ms) > 1:
-        seq = t[Ms[0]]["sequential_mean"]
-        a = [t[M]["asgd_mean"] for M in Ms]
-        word = "reproduced" if seq < a[0] < a[-1] else "partly" if a[-1] > seq else "not reproduced"
-        v.append(("ASGD degrades as workers (staleness) grow", word,
-                  f"test error sequential {seq * 100:.2f} %, "
-                  + ", ".join(f"ASGD M={M} {x * 100:.2f} %" for M, x in zip(Ms, a))))
-    for rule in ("dcasgd-c", "dcasgd-a"):
-        parts = []
-        rec = []
-        for M in Ms:
-            r = t[M]
-            if None in (r.get("asgd_mean"), r.get(f"{rule}_mean"), r.get("sequential_mean")):
-                continue
-            gap = r["asgd_mean"] - r["sequential_mean"]
-            got = r["asgd_mean"] - r[f"{rule}_mean"]
-            rec.append(got / gap if gap > 0 else math.nan)
-            parts.append(f"M={M}: {rule} {r[f'{rule}_mean'] * 100:.2f} % vs ASGD {r['asgd_mean'] * 100:.2f} %"
-                         + (f" ({got / gap * 100:.0f} % of the gap to sequential recovered)" if gap > 0 else
-                            " (ASGD no worse than sequential: no gap to recover)"))
-        if parts:
-            good = [x for x in rec if not math.isnan(x)]
-            word = ("reproduced" if good and min(good) >= 0.5 else "partly" if good and max(good) > 0 else
-                    "not testable (no ASGD gap)" if not good else "not reproduced")
-            v.append((f"{rule.replace('dcasgd', 'DC-ASGD')} recovers most of ASGD's gap to sequential SGD", word,
-                      "; ".join(parts)))
-    tp = res.get("throughput", {})
-    W = res["sizes"].get("tput", {"workers": 4})["workers"]
-    if f"sync-{W}" in tp and f"dcasgd-a-{W}" in tp:
-        sr, ar = tp[f"sync-{W}"].get("ratio_list", []), tp[f"dcasgd-a-{W}"].get("ratio_list", [])
-        s, a = mean_std(sr)[0], mean_std(ar)[0]
-        share = tp[f"dcasgd-a-{W}"].get("updates_share", "—")
-        if sr and ar:
-            word = ("reproduced" if all(x < y for x, y in zip(sr, ar)) and all(x < 0.8 for x in sr) else
-                    "same direction, within noise" if s < a else "not reproduced")
-            v.append(("sync SGD is held back by its slowest worker, async is not", word,
-                      f"samples/s with a 2x straggler / without, per back-to-back pair: sync-{W} "
-                      f"{', '.join(f'{x:.2f}' for x in sr)} (ideal 0.5); DC-ASGD-a ({W} workers) "
-                      f"{', '.join(f'{x:.2f}' for x in ar)} (ideal {(W - 0.5) / W:.3g}); async updates share with the "
-                      f"straggler {share}"))
-    return v
+    return dcasgd.section(res), dcasgd.verdicts(res)
 
 
 # --- experiment 3 ---------------------------------------------------------------------------------
@@ -316,7 +203,7 @@ def _distill(res: dict) -> tuple[str, list]:
            f"{1 - z['alpha']:.1f} on the labels, the transfer set = the training set. Seeds {res['seeds']} (each seed "
            f"its own teacher). Errors are counted on the 360 test images, recomputed from the checkpoints.\n"]
     rows = res["rows"]
-    out.append(_table(["model", "parameters", "test errors (of 360)", "test error %", "share of gap closed %",
+    out.append(table(["model", "parameters", "test errors (of 360)", "test error %", "share of gap closed %",
                        "test cross-entropy", "share of the cross-entropy gap closed %"],
                       [[r["name"], r.get("parameters"), r["errors"], r["error_pct"], r.get("gap_closed"),
                         r.get("loss", "—"), r.get("loss_gap_closed", "—")] for r in rows]))
@@ -329,7 +216,7 @@ def _distill(res: dict) -> tuple[str, list]:
         out.append(f"**Omitted class**: every \"3\" left out of the transfer set (T = {z['omit_T']}). Accuracy on the "
                    f"{n3} test 3s and total test errors, raw and after adding a bias to the logit of class 3 "
                    f"(chosen on the validation set, the smallest bias with the best validation accuracy).\n")
-        out.append(_table(["student", "test errors", "of which 3s", "accuracy on 3s %", "bias", "errors after bias",
+        out.append(table(["student", "test errors", "of which 3s", "accuracy on 3s %", "bias", "errors after bias",
                            "3s wrong after bias", "accuracy on 3s after bias %"],
                           [[k, v["errors"], v["errors_3"], v["acc_3"], v["bias"], v["errors_bias"], v["errors_3_bias"],
                             v["acc_3_bias"]] for k, v in om.items()]))
@@ -424,7 +311,9 @@ def write():
                      if "vs_step" in p or "vs_time" in p]
         text += "\n\n" + "\n".join(f"![{t}]({p})" for t, p in made)
         sections.append(text)
-        verdicts += [(name, *x) for x in v]
+        # experiments not yet moved to stats.Row give (claim, verdict, evidence): no paired effect recorded
+        verdicts += [x if isinstance(x, Row) else Row(name, x[0], x[1], len(res["seeds"]), None, None, x[2])
+                     for x in v]
         commands.append((name, res["commands"]))
         failed += res.get("failed", [])
         metas.append((name, res.get("meta", {})))
@@ -446,12 +335,19 @@ def write():
                  "standard deviation over seeds (sample std, ddof 1); the seeds also give each model its "
                  "initial weights, so comparisons are paired by seed where the table says so.\n")
     lines.append("## Verdicts\n")
-    lines.append("Rules: *reproduced* = the paper's direction, with the difference larger than twice its standard "
-                 "error across seeds (or the quantitative threshold named in the row); *same direction, within "
-                 "noise* = right sign, not separable from seed noise; *partly* = some of the effect; *not "
-                 "reproduced* = no effect or the opposite. Small models, minutes of training: shapes, not "
+    lines.append(f"Rules (reproduction/stats.py): every effect is paired per seed (one number per seed: two methods "
+                 "trained from the same seed, same initial weights and data order), signed so that positive is the "
+                 "paper's direction; its standard error (SE) is the standard deviation of those numbers over "
+                 f"sqrt(seeds). *reproduced*: the paper's sign, more than 2 SE from zero, with at least {MIN_SEEDS} "
+                 "seeds (and the size the paper claims, where it claims one); *partly*: the paper's sign beyond 2 SE "
+                 "but too few seeds or short of the claimed size; *within noise*: within 2 SE of zero; *not "
+                 "reproduced*: the opposite sign beyond 2 SE; *not testable here*: the reason is given. "
+                 "docs/reproduction.json holds the same rows. Small models, minutes of training: shapes, not "
                  "absolute numbers.\n")
-    lines.append(_table(["experiment", "claim", "verdict", "evidence"], verdicts) if verdicts else "No results yet.")
+    lines.append(table(["experiment", "claim", "verdict", "seeds", "evidence"],
+                       [[r.experiment, r.claim, r.verdict, r.seeds, r.evidence] for r in verdicts])
+                 if verdicts else "No results yet.")
+    JSON.write_text(json.dumps({"verdicts": [r.json() for r in verdicts]}, indent=1) + "\n")
     if NOTES.exists():
         lines += ["\n" + NOTES.read_text().strip() + "\n"]
     lines += [""] + sections

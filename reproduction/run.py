@@ -26,23 +26,25 @@ import distill  # noqa: E402
 import doc  # noqa: E402
 
 from common import DATA_DIR, HPCDISTILL, REPO, RUNS, Runner, log  # noqa: E402
+from stats import MIN_SEEDS  # noqa: E402
 
 EXPERIMENTS = {"codistill": codistill, "dcasgd": dcasgd, "distill": distill}
-DATASETS = {"codistill": "text", "dcasgd": "digits", "distill": "digits"}
+DATASETS = {"codistill": "text", "dcasgd": "digits-aug", "distill": "digits"}
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="fewer sweep points and straggler runs (same step counts)")
     p.add_argument("--only", action="append", choices=list(EXPERIMENTS), help="run only these (repeatable)")
-    p.add_argument("--seeds", type=int, default=None, help="seeds 0..N-1 (default 2 with --quick, else 3)")
+    p.add_argument("--seeds", type=int, default=None,
+                   help=f"seeds 0..N-1 (default 2 with --quick, else {MIN_SEEDS}: the verdict rule's minimum)")
     p.add_argument("--fresh", action="store_true", help="rerun runs that already finished")
     p.add_argument("--parallel", type=int, default=1, metavar="N",
                    help="run up to N experiment families at the same time (each family's runs stay sequential)")
     p.add_argument("--dry-run", action="store_true", help="print the runs that would start")
     p.add_argument("--doc-only", action="store_true", help="only rewrite docs/reproduction.md from saved results")
     args = p.parse_args(argv)
-    seeds = list(range(args.seeds if args.seeds else (2 if args.quick else 3)))
+    seeds = list(range(args.seeds if args.seeds else (2 if args.quick else MIN_SEEDS)))
     only = args.only or list(EXPERIMENTS)
     command = "python reproduction/run.py " + " ".join(argv if argv is not None else sys.argv[1:])
     RUNS.mkdir(parents=True, exist_ok=True)

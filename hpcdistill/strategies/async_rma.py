@@ -93,6 +93,10 @@ def _update_meansq(gg: torch.Tensor, meansq: torch.Tensor | None, decay: float) 
     return meansq.mul_(decay).add_(gg.mul_(1 - decay))
 
 
+def _mean(values: list) -> float | None:
+    return float(np.mean(values)) if values else None
+
+
 def staleness_stats(counts) -> dict:
     """mean, p50, p99 and max of the staleness values whose histogram is `counts` (counts[k]: updates
     that saw staleness k); percentiles as numpy's default (linear) on the values themselves."""
@@ -119,6 +123,7 @@ def pooled_summary(parts: list[dict]) -> dict:
         "ssp": {"max_lead": max(p["ssp"]["max_lead"] for p in parts),
                 "waits": sum(p["ssp"]["waits"] for p in parts),
                 "wait_seconds": sum(p["ssp"]["wait_seconds"] for p in parts)},
+        "overshoot_share": _mean([p["overshoot_share"] for p in parts if p.get("overshoot_share") is not None]),
         "groups": parts,
     }
 
@@ -204,6 +209,7 @@ class AsyncUpdater:
         self.clock = self.start_clock = 0
         self.version0 = 0
         self.staleness: list[int] = []
+        self.overshoot: list[float] = []  # _overshoot() at this worker's updates that are multiples of LOG_EVERY
         self.last_staleness = 0
         self.last_version = 0
         self.max_lead = 0          # most updates ahead of the slowest unfinished worker at a pull
@@ -403,12 +409,25 @@ class AsyncUpdater:
         self.last_staleness = v_push - v_pull
         self.last_version = v_push + 1
         self.staleness.append(self.last_staleness)
+        if self.rule != "asgd" and self.lambda0 and self.clock % self.s.log_every == 0:
+            self.overshoot.append(self._overshoot(g, eta, self.last_staleness))
         if self.trace is not None:
             host = lambda t: None if t is None else t.detach().cpu().numpy().copy()  # noqa: E731
             self.trace.append({"g": host(g), "w_bak": host(w_bak), "w_now": host(w_now), "delta": host(delta),
                                "eta": eta, "v_pull": v_pull, "v_push": v_push, "clock": self.clock,
                                "lead": self._last_lead})
         return parts
+
+    def _overshoot(self, g: torch.Tensor, eta: float, tau: int) -> float:
+        """Share of coordinates where eta * tau * lambda_t * g^2 > 1. With a steady gradient w_now - w_bak
+        is about -eta * tau * g, so the compensation lambda_t * g^2 * (w_now - w_bak) is that factor times
+        -g: above 1 it outweighs g and turns the update around (where DC-ASGD overshoots)."""
+        if tau == 0:
+            return 0.0
+        strength = g * g * (eta * tau * self.lambda0)
+        # dcasgd-a: dc_delta left sqrt(MS / correction + eps) in scratch, and lambda_t = lambda0 / that
+        bound = self.scratch if self.rule == "dcasgd-a" else 1.0
+        return float((strength > bound).float().mean())
 
     def _count_update(self) -> int:
         """Version fetch-and-add and this worker's clock, done while the push still holds its shared
@@ -509,7 +528,7 @@ class AsyncUpdater:
         """Collective in the workers' comm: staleness over every worker's updates."""
         mine = {"staleness": np.asarray(self.staleness, np.int64), "max_lead": self.max_lead,
                 "ssp_waits": self.ssp_waits, "ssp_wait_seconds": self.ssp_wait_seconds,
-                "updates": len(self.staleness)}
+                "updates": len(self.staleness), "overshoot": self.overshoot}
         everyone = self.comm.gather(mine, root=0)
         if self.index != 0:
             return {}
@@ -530,4 +549,5 @@ class AsyncUpdater:
                     "wait_seconds": float(sum(e["ssp_wait_seconds"] for e in everyone))},
             "worker_updates": [int(e["updates"]) for e in everyone],
             "momentum_applied": False,
+            "overshoot_share": _mean([x for e in everyone for x in e["overshoot"]]),
         }}
