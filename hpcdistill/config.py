@@ -435,14 +435,20 @@ def _explain(exc: ValidationError) -> str:
 BUILTIN_KINDS = {"digits": "image", "digits-aug": "image", "text": "sequence"}
 
 
+def optimizer_name(settings: Settings, kind: str | None) -> str | None:
+    """HPCDISTILL_OPTIMIZER with auto resolved: adamw for token sequences, else sgd (None when auto
+    needs the dataset kind and it is not known)."""
+    if settings.optimizer != "auto":
+        return settings.optimizer
+    return None if kind is None else ("adamw" if kind == "sequence" else "sgd")
+
+
 def default_lr(settings: Settings, kind: str | None) -> float | None:
     """The peak learning rate when HPCDISTILL_LR is unset (None when it needs the unknown dataset kind):
-    the optimizer's (auto: adamw for token sequences, else sgd), async sgd without momentum 4x higher."""
-    optimizer = settings.optimizer
-    if optimizer == "auto":
-        if kind is None:
-            return None
-        optimizer = "adamw" if kind == "sequence" else "sgd"
+    the optimizer's (optimizer_name), async sgd without momentum 4x higher."""
+    optimizer = optimizer_name(settings, kind)
+    if optimizer is None:
+        return None
     if optimizer == "adamw":
         return 3e-3
     return 0.2 if settings.uses_async else 0.05

@@ -26,7 +26,7 @@ from hpcdistill.claims import claim_dirs
 from hpcdistill.comm.broadcast import bcast_tree
 from hpcdistill.comm.topology import build_topology
 from hpcdistill.comm.wait import polite_barrier
-from hpcdistill.config import ConfigError, default_lr, settings_env
+from hpcdistill.config import ConfigError, default_lr, optimizer_name, settings_env
 from hpcdistill.data import DataError, TrainStream, open_source
 from hpcdistill.log import Progress, get_logger, setup_logging
 from hpcdistill.metrics import MetricsWriter, checkpoint_dir, metrics_path, numbers, write_json_atomic
@@ -73,7 +73,7 @@ def lr_at(step: int, peak: float, warmup: int, total: int) -> float:
 
 
 def make_optimizer(settings, model, kind: str):
-    name = settings.optimizer if settings.optimizer != "auto" else ("adamw" if kind == "sequence" else "sgd")
+    name = optimizer_name(settings, kind)
     lr = settings.lr or default_lr(settings, kind)  # DC-ASGD's plain SGD steps want ~4x momentum SGD's rate
     if name == "adamw":
         return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=settings.weight_decay), lr
