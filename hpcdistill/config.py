@@ -163,6 +163,10 @@ class Settings(BaseSettings):
         "peers", description="peers' predictions, or the label-smoothing control of equal weight")
     label_smoothing: float = Field(
         0.1, ge=0, lt=1, description="epsilon of the label-smoothing control target")
+    task_label_smoothing: float = Field(
+        0.0, ge=0, lt=1, description="sync and async: epsilon of label smoothing in the task loss, cross-entropy "
+                                     "against (1 - eps) one-hot + eps / classes (0: plain; distillation's "
+                                     "label-smoothing student control)")
     data_split: Literal["disjoint", "shared"] = Field(
         "disjoint", description="each group its own part of the data, or all groups all of it")
     async_rule: Literal[tuple(ASYNC_RULES)] = Field(  # type: ignore[valid-type]

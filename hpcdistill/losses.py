@@ -35,9 +35,9 @@ def _check_temperature(temperature: float) -> None:
         raise ValueError(f"temperature must be > 0, got {temperature!r}")
 
 
-def task_loss(logits: Tensor, y: Tensor) -> Tensor:
-    """Mean cross entropy against integer labels."""
-    return F.cross_entropy(_rows(logits), y.reshape(-1))
+def task_loss(logits: Tensor, y: Tensor, smoothing: float = 0.0) -> Tensor:
+    """Mean cross entropy against integer labels (smoothed: (1 - smoothing) one-hot + smoothing / K)."""
+    return F.cross_entropy(_rows(logits), y.reshape(-1), label_smoothing=smoothing)
 
 
 def soft_targets(teacher_logits: Sequence[Tensor], temperature: float) -> Tensor:

@@ -43,6 +43,7 @@ BAD = {
     "CODISTILL_TARGET": ("teachers", "peers"),
     "LABEL_SMOOTHING": ("1", "less than 1"),
     "DATA_SPLIT": ("random", "disjoint"),
+    "TASK_LABEL_SMOOTHING": ("1", "less than 1"),
     "ASYNC_RULE": ("dcasgd", "asgd"),
     "ASYNC_LR": ("adaptive", "constant"),
     "DC_LAMBDA": ("-1", "greater than or equal to 0"),

@@ -167,3 +167,11 @@ def test_smoothed_labels():
     # With eps = 0 and T = 1 the distillation loss is the plain task loss.
     z = logits(1, B, N).float()
     assert distillation_loss(z, smoothed_labels(y, N, 0.0), 1.0).item() == pytest.approx(task_loss(z, y).item())
+
+
+def test_task_loss_with_label_smoothing_is_cross_entropy_against_smoothed_labels():
+    """HPCDISTILL_TASK_LABEL_SMOOTHING (the distillation experiments' label-smoothing student control)."""
+    z, y = logits(2, B, N), labels(3, B)
+    want = np.mean(-(smoothed_labels(y, N, 0.2).double().numpy() * np_log_softmax(z.numpy())).sum(-1))
+    assert task_loss(z, y, 0.2).item() == pytest.approx(want, rel=1e-6)  # smoothed_labels is float32
+    assert task_loss(z, y, 0.0).item() == pytest.approx(np_task(z.numpy(), y.numpy()), rel=1e-10)

@@ -42,7 +42,7 @@ class Objective:
             z = model(x).float()  # the losses (and the distillation softmax) in fp32
         T, a = self.s.temperature, self.alpha(step)
         if self.kind == "task":
-            loss = losses.task_loss(z, y)
+            loss = losses.task_loss(z, y, self.s.task_label_smoothing)
             return loss, {"loss": loss.detach()}
         if self.kind == "distill":
             with precision(self.s, x.device):
