@@ -29,7 +29,7 @@ from common import DATA_DIR, HPCDISTILL, REPO, RUNS, Runner, log  # noqa: E402
 from stats import MIN_SEEDS  # noqa: E402
 
 EXPERIMENTS = {"codistill": codistill, "dcasgd": dcasgd, "distill": distill}
-DATASETS = {"codistill": "text", "dcasgd": "digits-aug", "distill": "digits"}
+DATASETS = {"codistill": "text", "dcasgd": "digits-aug", "distill": "digits-aug"}
 
 
 def main(argv=None) -> int:
