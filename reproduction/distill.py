@@ -139,7 +139,9 @@ def analyse(runs: dict, seeds: list[int], quick: bool) -> dict:
         options = [(v[seed]["val_loss"], name) for name, v in res["values"].items()
                    if name.startswith("student-ls-") and seed in v]
         if options:
-            ls[seed] = {**res["values"][min(options)[1]][seed], "epsilon": float(min(options)[1].split("-")[-1])}
+            name = min(options)[1]
+            ls[seed] = {**res["values"][name][seed], "epsilon": float(name.split("-")[-1])}
+            res["selected_step"].setdefault("student-ls", {})[seed] = res["selected_step"][name][seed]
     res["values"]["student-ls"] = ls
     dsum = next((r.summary["distill"] for (n, _), r in runs.items() if r.ok and r.summary.get("distill")), {})
     res["parameters"] = {"teacher": dsum.get("teacher_parameters"), "student": dsum.get("student_parameters")}

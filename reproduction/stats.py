@@ -47,8 +47,9 @@ class Effect:
     def text(self, digits: int = 4, scale: float = 1.0, unit: str = "") -> str:
         if self.n == 0:
             return "not measured"
-        se = "" if math.isnan(self.stderr) else f" ± {self.stderr * scale:.{digits}f}"
-        return f"{self.mean * scale:+.{digits}f}{unit}{se} (SE, {self.n} seeds)"
+        if math.isnan(self.stderr):
+            return f"{self.mean * scale:+.{digits}f}{unit} ({self.n} seed{'s' if self.n > 1 else ''})"
+        return f"{self.mean * scale:+.{digits}f}{unit} ± {self.stderr * scale:.{digits}f} (SE, {self.n} seeds)"
 
 
 def paired(a: dict, b: dict, sign: float = 1.0) -> Effect:
