@@ -10,6 +10,7 @@ classes, input shape from the first sample). The loader (`data/loader.py`) does 
 
 from __future__ import annotations
 
+import json
 import os
 import random
 from dataclasses import dataclass, field
@@ -171,11 +172,18 @@ class DataSource:
         return np.array([int(inner[i][1]) for i in range(len(inner))], np.int64)
 
 
+_USER_SOURCES: dict[tuple[str, str], "DataSource"] = {}  # a user's factory is called once per split and process
+
+
 def open_source(name: str, data_dir, args_json: str | None = None, *, verify: bool = False) -> DataSource:
     """The DataSource HPCDISTILL_DATASET names. Raises DataError (or ConfigError for the import path)
     with what to do; `verify` re-hashes a prepared dataset's files."""
     if is_import_path(name):
-        return _user_source(name, json_object(args_json, "HPCDISTILL_DATASET_ARGS"))
+        args = json_object(args_json, "HPCDISTILL_DATASET_ARGS")
+        key = (name, json.dumps(args, sort_keys=True))
+        if key not in _USER_SOURCES:  # the pre-flight check built it already: once per process
+            _USER_SOURCES[key] = _user_source(name, args)
+        return _USER_SOURCES[key]
     if args_json and json_object(args_json, "HPCDISTILL_DATASET_ARGS"):
         raise DataError(f"HPCDISTILL_DATASET_ARGS is set but HPCDISTILL_DATASET={name!r} is a prepared dataset, "
                         "which takes no arguments; unset it or name a dataset factory (package.module:callable)")
