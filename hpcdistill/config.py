@@ -24,7 +24,7 @@ PREFIX = "HPCDISTILL_"
 MAX_CLASSES = 1_000_000
 
 
-# The async update rules (strategies/async_rma.py implements them in dc_delta): name -> (default lambda0,
+# The async update rules (strategies/dcasgd.py implements them in dc_delta): name -> (default lambda0,
 # what it is). The one table that the setting's validation, `hpcdistill config`, the updater and the
 # tests read. Zheng et al. 2017's lambda0: 0.04 (dcasgd-c), 2 (dcasgd-a).
 ASYNC_RULES: dict[str, tuple[float, str]] = {

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from hpcdistill.comm.rma import shard_bounds
-from hpcdistill.strategies.async_rma import MEANSQ_EPS, dc_delta
+from hpcdistill.comm.shards import shard_bounds
+from hpcdistill.strategies.dcasgd import MEANSQ_EPS, dc_delta
 
 from conftest import ROOT, needs_mpi, run_mpi, train
 

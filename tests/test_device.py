@@ -65,7 +65,7 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU vi
 @needs_cuda
 def test_dc_delta_on_the_gpu_matches_the_host():
     """Async workers do DC-ASGD's arithmetic on the model's device: the same numbers as on the host."""
-    from hpcdistill.strategies.async_rma import dc_delta
+    from hpcdistill.strategies.dcasgd import dc_delta
 
     g, w_bak, w_now = (torch.randn(100_000, generator=torch.Generator().manual_seed(i)) for i in range(3))
     for rule, lam in (("dcasgd-c", 0.04), ("dcasgd-a", 2.0)):

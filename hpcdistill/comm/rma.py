@@ -24,20 +24,13 @@ from contextlib import ExitStack, contextmanager
 
 import numpy as np
 
+from hpcdistill.comm.shards import shard_bounds
 from hpcdistill.comm.topology import init_mpi
 
 MPI = init_mpi()
 
 _MPI_TYPES = {np.dtype(np.float32): MPI.FLOAT, np.dtype(np.float64): MPI.DOUBLE,
               np.dtype(np.int64): MPI.INT64_T}
-
-
-def shard_bounds(n: int, parts: int) -> list[tuple[int, int]]:
-    """Contiguous [lo, hi) ranges cutting n elements into `parts` nearly equal shards (in order)."""
-    if parts < 1:
-        raise ValueError(f"need at least one shard, got {parts}")
-    cuts = [n * i // parts for i in range(parts + 1)]
-    return [(cuts[i], cuts[i + 1]) for i in range(parts)]
 
 
 def in_turn(world, group: int, num_groups: int, make):
