@@ -156,6 +156,11 @@ class Settings(BaseSettings):
         description="the id shared by the jobs of one codistillation; exchange files and claims of another id are "
                     "refused (default: this run's id, so no other run's files are used)")
     burn_in: int = Field(50, ge=0, description="steps before the distillation term starts")
+    teacher_age: Optional[int] = Field(
+        None, ge=0, description="an experiment's control of staleness, D: from step t each group distills from "
+                                "every peer's file of step floor((t-D)/EXCHANGE_EVERY)*EXCHANGE_EVERY exactly, "
+                                "waiting (up to STALE_WAIT) until it is written: teacher age D..D+EXCHANGE_EVERY-1 "
+                                "whatever the groups' speeds (default unset: the freshest file)")
     distill_weight: float = Field(
         0.5, ge=0, description="alpha, the weight of the distillation term (<= 1 in distill mode)")
     temperature: float = Field(1.0, gt=0, description="softmax temperature T of the distillation term")
@@ -260,10 +265,27 @@ class Settings(BaseSettings):
                 f"{self.exchange_every} with HPCDISTILL_STALE_POLICY=wait: groups would wait for checkpoints "
                 "their peers publish only later, while the peers wait for theirs; set MAX_STALENESS to at "
                 "least EXCHANGE_EVERY or use STALE_POLICY=drop")
+        if self.teacher_age is not None:
+            self._check_teacher_age()
         if self.groups is not None and self.groups > 1 and self.mode != "codistill":
             raise ValueError(f"HPCDISTILL_GROUPS={self.groups}: several groups exist only in codistill mode")
         self._check_groups()
         return self
+
+    def _check_teacher_age(self) -> None:
+        d, e = self.teacher_age, self.exchange_every
+        if self.mode != "codistill" or self.codistill_target != "peers":
+            raise ValueError(f"HPCDISTILL_TEACHER_AGE={d}: a codistillation setting (peers' teachers), but "
+                             f"HPCDISTILL_MODE={self.mode} / CODISTILL_TARGET={self.codistill_target}; unset it")
+        if self.burn_in < d + e:
+            raise ValueError(f"HPCDISTILL_BURN_IN={self.burn_in} with HPCDISTILL_TEACHER_AGE={d} and "
+                             f"EXCHANGE_EVERY={e}: when the distillation term starts no peer file {d} steps old "
+                             f"exists yet (the first is of step {e}); set BURN_IN to at least TEACHER_AGE + "
+                             f"EXCHANGE_EVERY = {d + e}")
+        if self.max_staleness < d + e - 1:
+            raise ValueError(f"HPCDISTILL_MAX_STALENESS={self.max_staleness} is below HPCDISTILL_TEACHER_AGE + "
+                             f"EXCHANGE_EVERY - 1 = {d + e - 1}, the oldest a teacher of that age gets: it would be "
+                             f"dropped; raise MAX_STALENESS to at least {d + e - 1}")
 
     def _check_groups(self) -> None:
         """GROUP_OFFSET, LOCAL_GROUPS, GROUP_MODELS and PEERS against GROUPS (codistill only)."""

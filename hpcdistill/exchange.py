@@ -187,7 +187,7 @@ class Exchange:
                                 f"initial_loss {initial:.4g}")
         return None
 
-    def freshest(self, peer: int, *, expect=None, min_step: int | None = None,
+    def freshest(self, peer: int, *, expect=None, min_step: int | None = None, max_step: int | None = None,
                  exclude_path_steps: set | None = None
                  ) -> tuple[PeerCheckpoint | None, list[tuple[Path, str]]]:
         """The newest usable checkpoint of `peer`, and the files refused on the way as [(path, code, reason)].
@@ -197,7 +197,8 @@ class Exchange:
         `bytes_read` counts the files read.
 
         Files with step < min_step are not read (pass the step of the teacher in hand + 1 to read only
-        newer ones). Files whose step or path is in `exclude_path_steps` are skipped. A refused file
+        newer ones), nor files with step > max_step. Files whose step or path is in `exclude_path_steps` are
+        skipped. A refused file
         is remembered by (inode, mtime, size) and neither re-read nor re-reported until it changes.
         """
         exclude = exclude_path_steps or set()
@@ -209,7 +210,7 @@ class Exchange:
         for step, path in files:
             if min_step is not None and step < min_step:
                 break
-            if step in exclude or path in exclude:
+            if step in exclude or path in exclude or (max_step is not None and step > max_step):
                 continue
             try:
                 st = path.lstat()

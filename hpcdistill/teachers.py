@@ -190,6 +190,7 @@ class _CodistillSection:
             "ensemble_test_accuracy": ensemble_accuracy(probs, labels),
             "churn": mean_pairwise_churn(probs), "churn_samples": int(len(labels)),
             "teachers_prefetched": total("teachers_prefetched"),
+            "teacher_age": peer[0]["teacher_age"] if peer else None,
             "groups": [{"group": p["group"], **{k: t[k] for k in ("steps_without_teacher", "teachers_loaded",
                                                                  "teachers_rejected_by_reason", "last_loaded",
                                                                  "exchange_bytes_read", "teacher_digests")}}
@@ -293,6 +294,12 @@ class PeerTeachers(_CodistillSection, _Teachers):
     by `peer_rotation` (available ones first): reads per exchange and teacher forwards per step are
     O(k), not O(G). A peer's model is whatever its record says, if `records` allows it: records[g] is
     the record group g must carry (None: any record built by an allowed factory for this data).
+
+    With `age` = D (HPCDISTILL_TEACHER_AGE, an experiment's control of staleness) the teacher used from
+    step t is each peer's file of step floor((t - D) / E) * E exactly (E = EXCHANGE_EVERY), waited for
+    (bounded) when the peer has not written it yet: a teacher's age is D .. D+E-1 whatever the groups'
+    speeds, so runs repeat. Files are then published before the refresh (at D < E a peer waits for
+    this very file) and read in the loop (no prefetcher).
     """
 
     def __init__(self, exchange_dir: Path, *, comm, group: int, num_groups: int, spec: ModelSpec, arch: dict,
@@ -300,17 +307,21 @@ class PeerTeachers(_CodistillSection, _Teachers):
                  exchange_id: str | None = None, stop=lambda: False, exchange_every: int = 50, burn_in: int = 0,
                  data_split: str = "disjoint", records: dict[int, dict | None] | None = None,
                  factories: dict[str, str] | None = None, k: int | None = None, seed: int = 0, writer=None,
-                 prefetch: bool = True):
+                 prefetch: bool = True, age: int | None = None):
         _CodistillSection.__init__(self, target="peers", data_split=data_split, stale_policy=policy,
                                    exchange_id=exchange_id)
         self.comm, self.spec, self.arch, self.device = comm, spec, arch, device
         self.group, self.seed = group, seed
         self.writer = writer  # a BackgroundWriter: files are written off the loop (None: in the loop)
-        self.exchange_every, self.burn_in = exchange_every, burn_in
+        self.exchange_every, self.burn_in, self.age = exchange_every, burn_in, age
         self.leader = comm.Get_rank() == 0
         self.max_staleness, self.policy, self.wait_timeout = max_staleness, policy, wait_timeout
         self.stop = stop
-        self.exchange = Exchange(exchange_dir, group=group, num_groups=num_groups,
+        # Under a teacher age a group waits for the peer's file D steps back, so a peer runs up to D + E
+        # steps ahead and needs this group's files from 2D + E steps back: keep them (with 2D/E + 2,
+        # a peer 3x slower found its file deleted and trained 100 of 150 steps without a teacher).
+        keep = 3 if age is None else max(3, -(-2 * age // exchange_every) + 3)
+        self.exchange = Exchange(exchange_dir, group=group, num_groups=num_groups, keep=keep,
                                  exchange_id=exchange_id) if self.leader else None
         self.peers = [g for g in range(num_groups) if g != group]
         self.k = len(self.peers) if k is None else min(k, len(self.peers))
@@ -337,7 +348,7 @@ class PeerTeachers(_CodistillSection, _Teachers):
         self._record_of: dict[int, str] = {}  # peer -> the record (JSON) of the teacher module in hand
         self._tensors: dict[int, dict] = {}     # peer -> that module's state_dict (its storage)
         self.prefetcher = Prefetcher(self._find_quiet, self.exchange.newest_step) \
-            if prefetch and self.leader else None
+            if prefetch and self.leader and age is None else None
         self._last_read_ahead: float | None = None  # monotonic time of the last read-ahead request
         self.digests: list[str] = []  # every rank's digest of its teachers at the end (on_end)
         if self.prefetcher:  # the first teachers too: read while burn-in trains
@@ -369,9 +380,12 @@ class PeerTeachers(_CodistillSection, _Teachers):
         if exchange_step or step == self.burn_in or (step > self.burn_in and self.due(step)):
             # Refresh first, publish after: the writer thread's HDF5 calls hold the GIL, and started
             # before the refresh they stalled it (load 0.29 s vs 0.05 s over 60 exchanges); after it,
-            # they overlap the next steps' torch kernels, which release the GIL.
+            # they overlap the next steps' torch kernels, which release the GIL. Under a teacher age
+            # the peers may wait for this step's file: publish first.
+            if exchange_step and self.age is not None:
+                self.publish(step, publishable(), health)
             self.refresh(step, burn_in=self.burn_in, rotate=exchange_step or not self.selected, read_ahead=False)
-            if exchange_step:
+            if exchange_step and self.age is None:
                 self.publish(step, publishable(), health)
             self._read_ahead(step)  # after the snapshot too, for the same reason
 
@@ -438,6 +452,8 @@ class PeerTeachers(_CodistillSection, _Teachers):
                 else:  # nothing read ahead and nothing usable in hand (a new peer, burn-in): read it now
                     found = self._find(peer, step, newer_than=have[0] if have else None)
             self._receive(peer, found)
+            if self.age is not None and step >= burn_in and self.current.get(peer, (-1,))[0] < self._aged(step):
+                self._wait_for(peer, step)  # the file of exactly the controlled age (every rank decides alike)
             if peer not in self.current and step >= burn_in:
                 self._missing(peer, step)
         self._enforce_staleness(step)
@@ -557,11 +573,20 @@ class PeerTeachers(_CodistillSection, _Teachers):
         self.last_loaded[peer] = meta["step"]
         self.loaded += 1
 
+    def _aged(self, step: int) -> int:
+        """The step of the peer file a teacher of age D must come from at `step` (TEACHER_AGE)."""
+        return (step - self.age) // self.exchange_every * self.exchange_every
+
     def _find(self, peer: int, step: int, newer_than: int | None):
         oldest = max(0, step - self.max_staleness, -1 if newer_than is None else newer_than + 1)
+        newest = None
+        if self.age is not None:  # that one file, nothing fresher
+            newest = self._aged(step)
+            oldest = max(oldest, newest)
         with self._io:
             found, rejections = self.exchange.freshest(
-                peer, expect=lambda meta: self._peer_model(peer, meta.get("arch"))[1], min_step=oldest)
+                peer, expect=lambda meta: self._peer_model(peer, meta.get("arch"))[1], min_step=oldest,
+                max_step=newest)
             for path, code, reason in rejections:
                 self.rejected_by_reason[code] += 1
                 log.warning("refused teacher %s (%s): %s", path, code, reason)
@@ -596,7 +621,7 @@ class PeerTeachers(_CodistillSection, _Teachers):
         if self.leader:
             have = self.current.get(peer)
             gone = self.exchange.gone(peer)
-            if not gone:
+            if not gone and self.age is None:  # under TEACHER_AGE short waits are the rule: said if long
                 log.info("waiting up to %.0f s for a teacher from group %d newer than %s (HPCDISTILL_STALE_POLICY="
                          "wait)", self.wait_timeout, peer, f"step {have[0]}" if have else "none")
             while not gone and found is None and time.monotonic() < deadline and not self.stop():
@@ -607,6 +632,9 @@ class PeerTeachers(_CodistillSection, _Teachers):
                         time.sleep(0.2)
             if gone and found is None:
                 log.info("not waiting for group %d: %s", peer, gone)
+            elif found is None and self.age is not None:
+                log.warning("no file of step %d from group %d after %.0f s (HPCDISTILL_TEACHER_AGE=%d): training on "
+                            "with the teacher in hand", self._aged(step), peer, time.monotonic() - t, self.age)
         self._receive(peer, found)
         self.waits += 1
         self.wait_seconds += time.monotonic() - t
@@ -636,7 +664,7 @@ class PeerTeachers(_CodistillSection, _Teachers):
             "teachers_dropped": self.dropped, "stale_waits": self.waits, "stale_wait_seconds": self.wait_seconds,
             "exchanges": self.exchanges, "exchange_bytes_read": self.exchange.bytes_read if self.leader else 0,
             "peers_per_exchange": self.k, "last_loaded": {str(p): s for p, s in sorted(self.last_loaded.items())},
-            "teachers_prefetched": self.prefetched, "teacher_digests": self.digests,
+            "teachers_prefetched": self.prefetched, "teacher_digests": self.digests, "teacher_age": self.age,
         }
 
 

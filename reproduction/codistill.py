@@ -1,123 +1,172 @@
-"""Experiment 1 — codistillation (Anil et al. 2018) against sync SGD at the same number of ranks (4).
+"""Experiment 1 — codistillation (Anil et al. 2018) where sync SGD has stopped scaling.
 
-Character-level language model (`text`, charlm-small, AdamW): the data-rich regime of the paper (no
-window is seen twice within these step counts). Runs, per seed:
+`digits-aug` (60k training, 5k validation, 10k test images), the default `mlp`, SGD with momentum 0.9,
+lr = 0.05 x sqrt(B / 32) for a global batch of B (square-root scaling), 20 warm-up steps, then a cosine
+decay; the same number of steps S for every run, so that every comparison is at equal steps. At
+B = 256 that is ~6 epochs of the data (a codistilling group's disjoint half ~13 times): the finite-data
+regime in which disjoint and shared data can differ.
 
-  sync-4           one model, 4 ranks, global batch 4 x B (adding workers to sync SGD)
-  sync-2           one model, 2 ranks, global batch 2 x B (what one codistilling group is, alone)
-  codistill        2 groups x 2 ranks, disjoint data, peer checkpoints every 50 steps
-  label-smoothing  same, the peers' predictions replaced by smoothed labels of the same weight
-  shared-data      same as codistill, both groups drawing from all the data
-  burn-in-150      codistill with the distillation term switched on at step 150 instead of 50
-  exchange-K       codistill with checkpoints exchanged every K steps (staleness sweep)
+1. **Where sync SGD stops scaling.** Sync SGD, one rank, batch B = 32 .. 1024 (sweep seeds): the steps
+   each B takes to reach a target validation loss (per seed, the loosest best loss among the B's, so
+   every B reaches it). B* is the smallest B where doubling the batch no longer cuts those steps by more
+   than 10 %: adding workers to sync SGD has stopped paying there, the paper's precondition. If no B of
+   the sweep saturates, B* is the largest B/2 and every verdict row says `sync_saturated: false`.
+2. **At B*, per seed:**
 
-Churn (paper section 3.5) is measured between two retrains with different seeds: the final models of
-sync-4 seed a and seed b, against group g of codistill seed a and group g of codistill seed b
-(recomputed here from the checkpoints); the disagreement of the two groups inside one codistill run
-(summary.json codistill.churn) is shown too.
+     sync-2B      sync SGD on 2 ranks x B* (a second worker added to sync SGD)
+     alone        1 rank x B* (one codistilling group without its peer)
+     codistill    2 groups x 1 rank x B*, disjoint data, HPCDISTILL_TEACHER_AGE=0: each exchange loads the
+                  peer's model of that very step (teachers 0..49 steps old, whatever the machine's load)
+     shared-data  the same, both groups drawing from all the data
+     age-D        codistill with the teacher D steps older (TEACHER_AGE=D: D..D+49 steps old)
+     ls-E         the label-smoothing control of the same weight, E chosen per seed on validation
+
+   Every codistill-type run: exchange every 50 steps, weight 0.5, T = 1, burn-in 300 steps (so that the
+   oldest controlled teacher exists when the term starts: both groups always have one).
+3. **Churn** (paper section 3.5): sync-2B and codistill run for seeds n .. 2n-1 too; seed pairs (0, 1),
+   (2, 3), ... are disjoint, one value each: the share of test images whose top-1 class differs between
+   seed a's and seed b's model (codistill: group 0 of each), and the mean total variation between their
+   predicted distributions (1/2 sum_c |p_a,c - p_b,c|, "mean |dp|").
 """
 
 from __future__ import annotations
 
-from itertools import combinations
+import math
 
 import numpy as np
 
-from common import DATA_DIR, crossing_step, fmt, load_model, mean_std, predict
+from common import DATA_DIR, crossing_step, fmt, load_model, mean_std, predict, table
+from stats import Row, paired
 
-CHURN_WINDOWS = 2048  # test windows used for churn, as the trainer's own summary (131072 tokens)
+DATA = "digits-aug"
+ROWS = ["sync-2B", "alone", "codistill", "shared-data"]
 
 
 def sizes(quick: bool) -> dict:
-    return {"steps": 300, "batch": 32, "eval_every": 25,
-            "exchange_sweep": [1, 10, 200] if quick else [1, 10, 100, 200]}
+    return {"steps": 1500, "batches": [64, 256, 1024] if quick else [32, 64, 128, 256, 512, 1024],
+            "sweep_seeds": 1 if quick else 2, "sweep_eval_every": 25, "eval_every": 50, "exchange_every": 50,
+            "burn_in": 300, "ages": [250] if quick else [100, 250], "alpha": 0.5,
+            "smoothing": [0.1] if quick else [0.05, 0.1, 0.2], "saturation": 0.9, "default_bstar": 256}
 
 
-def configs(quick: bool) -> list[tuple[str, int, dict]]:
-    z = sizes(quick)
-    base = {"HPCDISTILL_DATASET": "text", "HPCDISTILL_MODEL": "charlm-small", "HPCDISTILL_STEPS": z["steps"],
-            "HPCDISTILL_BATCH_SIZE": z["batch"], "HPCDISTILL_EVAL_EVERY": z["eval_every"],
-            "HPCDISTILL_CHECKPOINT_EVERY": z["steps"], "HPCDISTILL_KEEP_CHECKPOINTS": 1}
-    codist = {**base, "HPCDISTILL_MODE": "codistill", "HPCDISTILL_GROUPS": 2, "HPCDISTILL_EXCHANGE_EVERY": 50,
-              "HPCDISTILL_BURN_IN": 50, "HPCDISTILL_DISTILL_WEIGHT": 0.5, "HPCDISTILL_TEMPERATURE": 1.0,
-              "HPCDISTILL_DATA_SPLIT": "disjoint", "HPCDISTILL_CODISTILL_TARGET": "peers"}
-    out = [("sync-4", 4, {**base, "HPCDISTILL_MODE": "sync"}),
-           ("sync-2", 2, {**base, "HPCDISTILL_MODE": "sync"}),
-           ("codistill", 4, codist),
-           ("label-smoothing", 4, {**codist, "HPCDISTILL_CODISTILL_TARGET": "label-smoothing"}),
-           ("shared-data", 4, {**codist, "HPCDISTILL_DATA_SPLIT": "shared"}),
-           # diagnostic, not in the paper's list: the distillation term starts at step 150 instead of 50
-           ("burn-in-150", 4, {**codist, "HPCDISTILL_BURN_IN": 150})]
-    out += [(f"exchange-{k}", 4, {**codist, "HPCDISTILL_EXCHANGE_EVERY": k}) for k in z["exchange_sweep"]]
+def lr(batch: int) -> float:
+    return 0.05 * math.sqrt(batch / 32)
+
+
+def _base(z: dict, batch: int, global_batch: int, seed: int, eval_every: int) -> dict:
+    return {"HPCDISTILL_DATASET": DATA, "HPCDISTILL_MODEL": "mlp", "HPCDISTILL_OPTIMIZER": "sgd",
+            "HPCDISTILL_LR": f"{lr(global_batch):.6g}", "HPCDISTILL_STEPS": z["steps"],
+            "HPCDISTILL_BATCH_SIZE": batch, "HPCDISTILL_EVAL_EVERY": eval_every, "HPCDISTILL_LOG_EVERY": 50,
+            "HPCDISTILL_CHECKPOINT_EVERY": z["steps"], "HPCDISTILL_KEEP_CHECKPOINTS": 1, "HPCDISTILL_SEED": seed}
+
+
+def configs(z: dict, bstar: int, seed: int) -> list[tuple[str, int, dict]]:
+    b = _base(z, bstar, bstar, seed, z["eval_every"])
+    cod = {**b, "HPCDISTILL_MODE": "codistill", "HPCDISTILL_GROUPS": 2, "HPCDISTILL_DATA_SPLIT": "disjoint",
+           "HPCDISTILL_EXCHANGE_EVERY": z["exchange_every"], "HPCDISTILL_BURN_IN": z["burn_in"],
+           "HPCDISTILL_DISTILL_WEIGHT": z["alpha"], "HPCDISTILL_TEMPERATURE": 1,
+           "HPCDISTILL_MAX_STALENESS": max(z["ages"]) + z["exchange_every"], "HPCDISTILL_STALE_WAIT": 600}
+    out = [("sync-2B", 2, {**_base(z, bstar, 2 * bstar, seed, z["eval_every"]), "HPCDISTILL_MODE": "sync"}),
+           ("alone", 1, {**b, "HPCDISTILL_MODE": "sync"}),
+           ("codistill", 2, {**cod, "HPCDISTILL_TEACHER_AGE": 0}),
+           ("shared-data", 2, {**cod, "HPCDISTILL_TEACHER_AGE": 0, "HPCDISTILL_DATA_SPLIT": "shared"})]
+    out += [(f"age-{d}", 2, {**cod, "HPCDISTILL_TEACHER_AGE": d}) for d in z["ages"]]
+    out += [(f"ls-{e:g}", 2, {**cod, "HPCDISTILL_CODISTILL_TARGET": "label-smoothing",
+                              "HPCDISTILL_LABEL_SMOOTHING": e}) for e in z["smoothing"]]
     return out
 
 
 def run(runner, seeds: list[int], quick: bool) -> dict:
+    z = sizes(quick)
+    sweep = {}
+    for seed in seeds[:z["sweep_seeds"]]:
+        for B in z["batches"]:
+            sweep[(B, seed)] = runner.run(f"codistill/sweep-b{B}-s{seed}", 1, {
+                **_base(z, B, B, seed, z["sweep_eval_every"]), "HPCDISTILL_MODE": "sync"})
+    found = saturation(sweep, z)
+    bstar = found["bstar"] or z["default_bstar"]
     runs = {}
-    for seed in seeds:  # seed-major: an interrupted suite still has every config for the first seeds
-        for name, np_, settings in configs(quick):
-            runs[(name, seed)] = runner.run(f"codistill/{name}-s{seed}", np_, {**settings, "HPCDISTILL_SEED": seed})
-    return analyse(runs, seeds, quick)
+    for seed in seeds:  # seed-major: an interrupted suite has every row for its first seeds
+        for name, np_, settings in configs(z, bstar, seed):
+            runs[(name, seed)] = runner.run(f"codistill/{name}-b{bstar}-s{seed}", np_, settings)
+    churn_seeds = list(range(len(seeds), 2 * len(seeds)))  # the second seed of each disjoint pair
+    for seed in churn_seeds:
+        for name, np_, settings in configs(z, bstar, seed):
+            if name in ("sync-2B", "codistill"):
+                runs[(name, seed)] = runner.run(f"codistill/{name}-b{bstar}-s{seed}", np_, settings)
+    return analyse(runs, found, seeds, churn_seeds, z)
 
 
 # --- analysis -------------------------------------------------------------------------------------
 
-def _models(run) -> list[int]:
-    return [g["group"] for g in run.groups()]
+def saturation(sweep: dict, z: dict) -> dict:
+    """Steps to the sweep's target per B (mean over sweep seeds) and B*, the smallest B whose doubling
+    cuts them by less than 1 - saturation (10 %)."""
+    seeds = sorted({s for _, s in sweep})
+    steps: dict[int, list] = {B: [] for B in z["batches"]}
+    targets = {}
+    for seed in seeds:
+        curves = {B: r.val_curve() for (B, s), r in sweep.items() if s == seed and r.ok}
+        if len(curves) < len(z["batches"]):
+            continue
+        targets[seed] = max(min(v for _, v in c) for c in curves.values())  # every B reaches it
+        for B, c in curves.items():
+            steps[B].append(crossing_step(c, targets[seed]))
+    mean = {B: mean_std(v)[0] if v else None for B, v in steps.items()}
+    bstar, saturated = None, False
+    for B in z["batches"]:
+        if 2 * B in mean and mean[B] and mean[2 * B] and mean[2 * B] > z["saturation"] * mean[B]:
+            bstar, saturated = B, True
+            break
+    if bstar is None and len(mean) > 1 and all(v for v in mean.values()):
+        bstar = z["batches"][-1] // 2  # not saturated within the sweep: the largest pair it has
+    return {"batches": z["batches"], "seeds": seeds, "targets": {str(s): t for s, t in targets.items()},
+            "steps": {str(B): v for B, v in steps.items()}, "steps_mean": {str(B): m for B, m in mean.items()},
+            "bstar": bstar, "saturated": saturated,
+            "commands": {f"sweep-b{B}": r.command for (B, s), r in sweep.items() if s == seeds[0]} if seeds else {},
+            "failed": [f"{r.name}: {r.error}" for r in sweep.values() if not r.ok]}
 
 
-def _top1(run, group: int) -> np.ndarray:
-    logits, _ = predict(load_model(run.checkpoint(group)), DATA_DIR / "text" / "test.h5", limit=CHURN_WINDOWS)
-    return logits.argmax(-1)
+def _figures(r, target: float | None) -> dict:
+    groups = r.groups()
+    out = {"test_loss": float(np.mean([g["test_loss"] for g in groups])),
+           "test_error": float(np.mean([1 - g["test_accuracy"] for g in groups])),
+           "val_loss": float(np.mean([g["val_loss"] for g in groups]))}
+    if target is not None:  # group 0: the same initial weights as the sync runs of this seed
+        out["steps_to_sync"] = crossing_step(r.val_curve(0), target)
+    cd = r.summary.get("codistill") or {}
+    if cd.get("target") == "peers":
+        out["staleness_mean"] = cd["teacher_staleness"]["mean"]
+        out["staleness_max"] = cd["teacher_staleness"]["max"]
+        out["steps_without_teacher"] = cd["steps_without_teacher"]
+        out["within_run_churn"] = cd["churn"]
+    return out
 
 
-def analyse(runs: dict, seeds: list[int], quick: bool) -> dict:
-    names = [n for n, _, _ in configs(quick)]
+def analyse(runs: dict, found: dict, seeds: list[int], churn_seeds: list[int], z: dict) -> dict:
+    res = {"sizes": z, "seeds": seeds, "churn_seeds": churn_seeds, "sweep": found,
+           "commands": dict(found["commands"]), "failed": list(found["failed"]), "values": {}, "curves": {}}
     ok = {k: r for k, r in runs.items() if r.ok}
-    res = {"sizes": sizes(quick), "seeds": seeds, "commands": {}, "failed": [], "rows": [], "curves": {}}
     for (name, seed), r in runs.items():
         if seed == seeds[0]:
             res["commands"][name] = r.command
         if not r.ok:
             res["failed"].append(f"{r.name}: {r.error}")
-    # targets, per seed (same initialisation): the final validation loss of sync-4 and of sync-2
-    targets = {ref: {s: ok[(ref, s)].groups()[0]["val_loss"] for s in seeds if (ref, s) in ok}
-               for ref in ("sync-4", "sync-2")}
-    res["targets"] = {ref: {str(s): v for s, v in t.items()} for ref, t in targets.items()}
-    res["final"] = {}  # name -> {"seed/group": final val loss}, for paired comparisons
-    for name in names:
-        per_seed = [(s, ok[(name, s)]) for s in seeds if (name, s) in ok]
-        models = [(s, r, g) for s, r in per_seed for g in r.groups()]  # every trained model counts once
-        row = {
-            "name": name, "ranks": per_seed[0][1].np if per_seed else None, "runs": len(per_seed),
-            "models": len(models),
-            "val_loss": fmt([g["val_loss"] for _, _, g in models], 4),
-            "test_loss": fmt([g["test_loss"] for _, _, g in models], 4),
-            "test_accuracy": fmt([g["test_accuracy"] for _, _, g in models], 2, 100),
-            "val_loss_mean": mean_std([g["val_loss"] for _, _, g in models])[0],
-            "wall_seconds": fmt([r.summary["wall_seconds"] for _, r in per_seed], 0),
-            "samples_per_second": fmt([r.summary["samples_per_second"] for _, r in per_seed], 0),
-        }
-        for ref, t in targets.items():
-            cross = [crossing_step(r.val_curve(g["group"]), t[s]) if s in t else None
-                     for s, r, g in models if g["group"] == 0]  # group 0: the same initial weights as the sync run
-            row[f"steps_to_{ref}"] = fmt(cross, 0, total=len(cross))
-            row[f"steps_to_{ref}_mean"] = mean_std(cross)[0]
-            row[f"reached_{ref}"] = sum(c is not None for c in cross)
-            row["group0_models"] = len(cross)
-        res["final"][name] = {f"{s}/{g['group']}": g["val_loss"] for s, _, g in models}
-        cd = [r.summary.get("codistill") for _, r in per_seed if r.summary.get("codistill")]
-        if cd:
-            row["ensemble_accuracy"] = fmt([c["ensemble_test_accuracy"] for c in cd], 2, 100)
-            row["within_run_churn"] = fmt([c["churn"] for c in cd], 2, 100)
-            row["staleness_mean"] = fmt([c["teacher_staleness"]["mean"] for c in cd], 1)
-            row["staleness_max"] = fmt([c["teacher_staleness"]["max"] for c in cd], 0)
-            row["teachers_loaded"] = fmt([c["teachers_loaded"] for c in cd], 0)
-            row["exchange_seconds"] = fmt([c["exchange_seconds"] for c in cd], 1)
-        res["rows"].append(row)
-        res["curves"][name] = _mean_curve([r.val_curve(g["group"]) for _, r, g in models])
-        res.setdefault("model_curves", {})[name] = {f"{s}/{g['group']}": r.val_curve(g["group"]) for s, r, g in models}
-    res["churn"] = _churn(ok, seeds)
+    for (name, seed), r in sorted(ok.items()):
+        sync = ok.get(("sync-2B", seed))
+        target = sync.groups()[0]["val_loss"] if sync else None
+        res["values"].setdefault(name, {})[str(seed)] = _figures(r, target)
+    for name in {n for n, _ in ok}:
+        res["curves"][name] = _mean_curve([r.val_curve(g["group"]) for (n, s), r in ok.items() if n == name
+                                           and s in seeds for g in r.groups()])
+    ls = {}
+    for seed in map(str, seeds):  # the control's E: per seed, the lowest validation loss
+        options = [(v[seed]["val_loss"], n) for n, v in res["values"].items() if n.startswith("ls-") and seed in v]
+        if options:
+            name = min(options)[1]
+            ls[seed] = {**res["values"][name][seed], "epsilon": float(name.removeprefix("ls-"))}
+    res["values"]["ls"] = ls
+    res["churn"] = _churn(ok, seeds, churn_seeds)
     return res
 
 
@@ -133,30 +182,130 @@ def _mean_curve(curves: list) -> list:
     return out
 
 
-def _churn(ok: dict, seeds: list[int]) -> dict:
-    """Disagreement (top-1 next character) on the first CHURN_WINDOWS test windows."""
+def _probs(run) -> np.ndarray:
+    logits, _ = predict(load_model(run.checkpoint(0)), DATA_DIR / DATA / "test.h5")
+    z = np.exp(logits - logits.max(-1, keepdims=True))
+    return z / z.sum(-1, keepdims=True)
+
+
+def _churn(ok: dict, seeds: list[int], churn_seeds: list[int]) -> dict:
+    """name -> pair index -> {top1, tv}: seed seeds[i] against churn_seeds[i] (disjoint pairs)."""
     out = {}
-    cache = {}
-
-    def top1(name, seed, group):
-        key = (name, seed, group)
-        if key not in cache:
-            cache[key] = _top1(ok[(name, seed)], group)
-        return cache[key]
-
-    for name in ("sync-4", "sync-2", "codistill", "exchange-1", "label-smoothing"):
-        pairs = [(a, b) for a, b in combinations(seeds, 2) if (name, a) in ok and (name, b) in ok]
-        values = []
-        for a, b in pairs:
-            for g in _models(ok[(name, a)]):
-                values.append(float((top1(name, a, g) != top1(name, b, g)).mean()))
-        if values:
-            out[f"{name} retrains"] = {"values": values, "text": fmt(values, 2, 100), "pairs": len(values)}
-    within = [ok[("codistill", s)].summary["codistill"]["churn"] for s in seeds if ("codistill", s) in ok]
-    if within:
-        out["codistill groups within a run"] = {"values": within, "text": fmt(within, 2, 100), "pairs": len(within)}
+    for name in ("sync-2B", "codistill"):
+        for i, (a, b) in enumerate(zip(seeds, churn_seeds)):
+            if (name, a) in ok and (name, b) in ok:
+                pa, pb = _probs(ok[(name, a)]), _probs(ok[(name, b)])
+                out.setdefault(name, {})[str(i)] = {
+                    "seeds": [a, b], "top1": float((pa.argmax(-1) != pb.argmax(-1)).mean()),
+                    "tv": float(0.5 * np.abs(pa - pb).sum(-1).mean())}
     return out
 
+
+# --- the document's section and verdicts (reproduction/doc.py calls these) -------------------------
+
+def _col(res: dict, name: str, what: str = "test_loss") -> dict:
+    return {s: v.get(what) for s, v in res["values"].get(name, {}).items() if v.get(what) is not None}
+
+
+def section(res: dict) -> str:
+    z, sw = res["sizes"], res["sweep"]
+    bstar = sw["bstar"] or z["default_bstar"]
+    out = ["## 1. Codistillation where sync SGD has stopped scaling (Anil et al. 2018)\n",
+           f"`{DATA}` (60k training, 5k validation, 10k test images), `mlp`, SGD with momentum 0.9, lr = 0.05 x "
+           f"sqrt(B / 32) for a global batch B, {z['steps']} steps for every run. Codistillation: 2 groups of one "
+           f"rank, weight {z['alpha']}, T = 1, burn-in {z['burn_in']} steps, exchange every {z['exchange_every']} "
+           f"steps with the teacher age controlled (`HPCDISTILL_TEACHER_AGE`). Seeds {res['seeds']} (churn: "
+           f"also {res['churn_seeds']}).\n",
+           f"**Where sync SGD stops scaling** (1 rank, validation every {z['sweep_eval_every']} steps, seeds "
+           f"{sw['seeds']}): steps to each seed's target (the loosest best validation loss of the sweep: "
+           f"{', '.join(f'{t:.4f}' for t in sw['targets'].values()) or '—'}).\n"]
+    steps = sw["steps_mean"]
+    rows = []
+    for B in sw["batches"]:
+        m, nxt = steps.get(str(B)), steps.get(str(2 * B))
+        cut = f"{(1 - nxt / m) * 100:.0f} %" if m and nxt else "—"
+        rows.append([B, f"{lr(B):.3g}", fmt(sw["steps"].get(str(B), []), 0), cut])
+    out.append(table(["batch B", "lr", "steps to target", "doubling B cuts them by"], rows))
+    out.append(f"\nB* = {bstar}: " + ("the smallest batch whose doubling cuts the steps by less than "
+                                      f"{(1 - z['saturation']) * 100:.0f} %: sync SGD has stopped scaling there."
+                                      if sw["saturated"] else "no batch of the sweep saturated: sync SGD was still "
+                                      "scaling, the paper's precondition does not hold (rows say so)."))
+    out.append(f"\n**At B* = {bstar}**: test cross-entropy and error (the mean over a run's group models), steps "
+               "for group 0 to reach sync-2B's final validation loss of the same seed (the same initial weights; "
+               "interpolated between validation points; \"(k/n)\": only k of n got there), and the teachers' "
+               "measured age.\n")
+    names = ROWS + [f"age-{d}" for d in z["ages"]] + ["ls"]
+    labels = {"sync-2B": f"sync, 2 ranks x {bstar}", "alone": f"one group alone, 1 rank x {bstar}",
+              "codistill": "codistill, teacher age 0", "ls": "label-smoothing control (E chosen on validation)"}
+    out.append(table(["run", "test cross-entropy", "test error %", "steps to sync-2B's loss", "teacher age (mean)"], [
+        [labels.get(n, n.replace("age-", "codistill, teacher age ")), fmt(_col(res, n).values(), 4),
+         fmt(_col(res, n, "test_error").values(), 2, 100),
+         fmt([v.get("steps_to_sync") for v in res["values"].get(n, {}).values()], 0),
+         fmt(_col(res, n, "staleness_mean").values(), 1)] for n in names]))
+    eps = [v["epsilon"] for v in res["values"].get("ls", {}).values()]
+    if eps:
+        out.append(f"\nThe control's E per seed: {', '.join(f'{e:g}' for e in eps)}.")
+    ch = res.get("churn", {})
+    if ch:
+        out.append("\n**Churn between retrains** (disjoint seed pairs, the 10k test images):\n")
+        out.append(table(["models", "pairs", "top-1 disagreement %", "mean |dp| (total variation)"], [
+            [n, len(v), fmt([p["top1"] for p in v.values()], 2, 100), fmt([p["tv"] for p in v.values()], 4)]
+            for n, v in ch.items()]))
+    within = _col(res, "codistill", "within_run_churn")
+    if within:
+        out.append(f"\nThe two groups of one codistill run disagree on {fmt(within.values(), 2, 100)} % of test "
+                   "images (summary.json `codistill.churn`).")
+    return "\n".join(out)
+
+
+def verdicts(res: dict) -> list[Row]:
+    """Effects paired per seed (churn: per disjoint seed pair), positive = the paper's direction."""
+    z, sw = res["sizes"], res["sweep"]
+    extra = {"sync_saturated": bool(sw["saturated"]), "batch": sw["bstar"] or z["default_bstar"]}
+    note = "" if sw["saturated"] else " (sync SGD was not saturated: the precondition does not hold)"
+    rows = []
+    sync_steps, cod_steps = _col(res, "sync-2B", "steps_to_sync"), _col(res, "codistill", "steps_to_sync")
+    capped = {s: res["values"]["codistill"][s].get("steps_to_sync") or float(z["steps"])
+              for s in res["values"].get("codistill", {})}  # not reached: the run's length, a lower bound
+    faster = paired(sync_steps, capped)
+    ratio = mean_std(sync_steps.values())[0] / mean_std(capped.values())[0] if capped else float("nan")
+    reached = f"{len(cod_steps)}/{len(capped)}"
+    rows.append(Row.of("codistill", "where sync SGD stops scaling, 2-way codistillation reaches the loss of sync at "
+                       "twice the batch in about half the steps", faster,
+                       f"steps to sync-2B's final loss, sync-2B − codistill: {faster.text(0)} (codistill reached it "
+                       f"in {reached} seeds); {ratio:.2f}x fewer steps{note}", enough=ratio >= 1.5, **extra))
+    for claim, a, b in (("each codistilled model beats its group trained alone (test cross-entropy)", "alone",
+                         "codistill"),
+                        ("codistillation beats the label-smoothing control of equal weight, E tuned", "ls",
+                         "codistill"),
+                        ("disjoint data beats shared data (finite data, several epochs)", "shared-data",
+                         "codistill")):
+        e = paired(_col(res, a), _col(res, b))
+        err = paired(_col(res, a, "test_error"), _col(res, b, "test_error"))
+        rows.append(Row.of("codistill", claim, e, f"test cross-entropy {a} − {b}: {e.text(4)}; test error "
+                           f"{err.text(2, 100, ' pt')}{note}", **extra))
+    ages = z["ages"]
+    if ages:
+        stale = paired(_col(res, f"age-{max(ages)}"), _col(res, "codistill"))
+        more = "; ".join(f"age {d} − age 0: {paired(_col(res, f'age-{d}'), _col(res, 'codistill')).text(4)}"
+                         for d in ages if d != max(ages))
+        rows.append(Row.of("codistill", f"very stale teachers ({max(ages)} steps, {max(ages) / z['steps']:.0%} of the "
+                           "run) train worse than fresh ones", stale,
+                           f"test cross-entropy, age {max(ages)} − age 0: {stale.text(4)}"
+                           + (f"; {more}" if more else "") + note, **extra))
+    ch = res.get("churn", {})
+    for what, label, digits, scale in (("top1", "top-1 disagreement", 2, 100), ("tv", "mean |dp|", 4, 1)):
+        a = {i: p[what] for i, p in ch.get("sync-2B", {}).items()}
+        b = {i: p[what] for i, p in ch.get("codistill", {}).items()}
+        e = paired(a, b)
+        rows.append(Row.of("codistill", f"codistillation reduces churn between retrains ({label})", e,
+                           f"sync-2B − codistill over {e.n} disjoint seed pairs: {e.text(digits, scale)}; sync-2B "
+                           f"{fmt(a.values(), digits, scale)}, codistill {fmt(b.values(), digits, scale)}{note}",
+                           **extra))
+    return rows
+
+
+# --- plots ----------------------------------------------------------------------------------------
 
 def plots(res: dict, img_dir, rel: str) -> list[tuple[str, str]]:
     import matplotlib
@@ -165,65 +314,49 @@ def plots(res: dict, img_dir, rel: str) -> list[tuple[str, str]]:
     import matplotlib.pyplot as plt
 
     made = []
-    panels = [("codistill_val_loss.png", "Codistillation vs sync at 4 ranks (text, charlm-small)",
-               ["sync-4", "sync-2", "codistill", "label-smoothing", "shared-data"]),
-              ("codistill_staleness.png", "Staleness sweep: checkpoints exchanged every K steps",
-               ["sync-4"] + sorted([n for n in res["curves"] if n.startswith("exchange-")],
-                                   key=lambda n: int(n.split("-")[1])) + ["codistill"])]
+    sw = res["sweep"]
+    pts = [(B, sw["steps_mean"].get(str(B))) for B in sw["batches"] if sw["steps_mean"].get(str(B))]
+    if pts:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        ax.plot(*zip(*pts), marker="o", label="sync SGD, 1 rank")
+        if sw["bstar"]:
+            ax.axvline(sw["bstar"], color="grey", ls="--", label=f"B* = {sw['bstar']}")
+        ax.set(xscale="log", yscale="log", xlabel="batch B", ylabel="steps to the target validation loss")
+        ax.set_xticks([B for B, _ in pts], [str(B) for B, _ in pts])
+        ax.set_title("Where sync SGD stops scaling", fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.savefig(img_dir / "codistill_batch_sweep.png", dpi=150, bbox_inches="tight")
+        plt.close(fig)
+        made.append(("Batch-size sweep", f"{rel}/codistill_batch_sweep.png"))
+    z = res["sizes"]
+    panels = [("codistill_val_loss.png", "Codistillation at B* (validation loss, mean over seeds and groups)",
+               ROWS + [f"ls-{e:g}" for e in z["smoothing"]]),
+              ("codistill_teacher_age.png", "Teacher age (TEACHER_AGE = D)",
+               ["alone", "codistill"] + [f"age-{d}" for d in z["ages"]])]
     for fname, title, names in panels:
         fig, ax = plt.subplots(figsize=(7, 4.2))
+        drawn = []
         for name in names:
             curve = res["curves"].get(name)
             if not curve:
                 continue
-            label = "codistill (exchange-50)" if name == "codistill" and "staleness" in fname else name
             s, m, sd = (np.array(v) for v in zip(*curve))
-            line, = ax.plot(s, m, label=label, zorder=3)
+            line, = ax.plot(s, m, label="codistill, age 0" if name == "codistill" else name, zorder=3)
             ax.fill_between(s, m - sd, m + sd, alpha=0.12, color=line.get_color(), lw=0, zorder=2)
-        ax.set(xlabel="step (per group)", ylabel="validation loss (nats/char)")
-        ax.set_title(title, fontsize=10, wrap=True)
-        drawn = [np.array(v[1]) for n in names if res["curves"].get(n) for v in [list(zip(*res["curves"][n]))]]
-        if drawn:  # y limits from every drawn curve (their later half, where they differ), with a margin
-            late = np.concatenate([d[len(d) // 2:] for d in drawn])
-            lo, hi = float(late.min()), float(np.concatenate(drawn).max())
-            ax.set_ylim(lo - 0.05 * (hi - lo), hi + 0.05 * (hi - lo))
+            drawn.append(m)
+        if not drawn:
+            plt.close(fig)
+            continue
+        late = np.concatenate([d[len(d) // 3:] for d in drawn])  # where the runs differ
+        lo, hi = float(late.min()), float(late.max())
+        ax.set_ylim(lo - 0.1 * (hi - lo), hi + 0.1 * (hi - lo))
+        ax.axvline(z["burn_in"], color="grey", lw=0.8, ls=":")
+        ax.set(xlabel="step", ylabel="validation cross-entropy")
+        ax.set_title(title, fontsize=10)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)  # off the bands
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
         fig.savefig(img_dir / fname, dpi=150, bbox_inches="tight")
         plt.close(fig)
         made.append((title, f"{rel}/{fname}"))
-    made += _delta_plot(res, img_dir, rel, plt)
     return made
-
-
-def _delta_plot(res, img_dir, rel, plt) -> list:
-    """Validation loss minus sync-2's at the same step and seed (group 0: the same initial weights)."""
-    curves = res.get("model_curves", {})
-    ref = curves.get("sync-2", {})
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    drawn = False
-    for name, per_model in curves.items():
-        if name == "sync-2":
-            continue
-        deltas = []
-        for key, curve in per_model.items():
-            if key.endswith("/0") and key in ref:
-                r = dict(ref[key])
-                deltas.append({st: v - r[st] for st, v in curve if st in r})
-        if not deltas:
-            continue
-        steps = sorted(set.intersection(*(set(d) for d in deltas)))
-        mean = [float(np.mean([d[st] for d in deltas])) for st in steps]
-        ax.plot(steps, mean, label=name, ls="-" if name in ("sync-4", "codistill", "label-smoothing") else "--")
-        drawn = True
-    if not drawn:
-        plt.close(fig)
-        return []
-    ax.axhline(0, color="grey", lw=1)
-    ax.set(xlabel="step (per group)", ylabel="val loss − sync-2's (same seed)")
-    ax.set_title("Paired difference to sync-2\n(group 0 models, mean over seeds; below 0 = better)", fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
-    fig.savefig(img_dir / "codistill_delta_vs_sync2.png", dpi=150, bbox_inches="tight")
-    plt.close(fig)
-    return [("Paired difference to sync-2", f"{rel}/codistill_delta_vs_sync2.png")]

@@ -23,6 +23,7 @@ from hpcdistill.summary import RunSummary
 
 REPO = Path(__file__).resolve().parent.parent
 RUNS = REPO / "reproduction" / "runs"
+RESULTS = REPO / "reproduction" / "results"  # committed: a page can be rebuilt without the runs
 DATA_DIR = REPO / "datasets"
 HPCDISTILL = REPO / ".venv" / "bin" / "hpcdistill"
 RUN_TIMEOUT = 1200  # seconds; a run that takes longer is killed and reported as failed

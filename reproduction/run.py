@@ -4,8 +4,9 @@
 
 Every run is a real `mpirun ... hpcdistill train` job in reproduction/runs/<experiment>/<run>-s<seed>/.
 Finished runs with the same settings are reused (an interrupted suite resumes); --fresh reruns all.
-Results go to reproduction/runs/results-<experiment>.json, plots to docs/img/reproduction/, and the
-document to docs/reproduction.md (built from every results file present).
+Results go to reproduction/results/<experiment>.json (committed, so that the page can be rebuilt
+without the runs), plots to docs/img/reproduction/, and the document to docs/reproduction.md (built
+from every results file present).
 """
 
 from __future__ import annotations
@@ -25,11 +26,11 @@ import dcasgd  # noqa: E402
 import distill  # noqa: E402
 import doc  # noqa: E402
 
-from common import DATA_DIR, HPCDISTILL, REPO, RUNS, Runner, log  # noqa: E402
+from common import DATA_DIR, HPCDISTILL, REPO, RESULTS, RUNS, Runner, log  # noqa: E402
 from stats import MIN_SEEDS  # noqa: E402
 
 EXPERIMENTS = {"codistill": codistill, "dcasgd": dcasgd, "distill": distill}
-DATASETS = {"codistill": "text", "dcasgd": "digits-aug", "distill": "digits-aug"}
+DATASETS = {"codistill": "digits-aug", "dcasgd": "digits-aug", "distill": "digits-aug"}
 
 
 def main(argv=None) -> int:
@@ -37,14 +38,18 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="fewer sweep points and straggler runs (same step counts)")
     p.add_argument("--only", action="append", choices=list(EXPERIMENTS), help="run only these (repeatable)")
     p.add_argument("--seeds", type=int, default=None,
-                   help=f"seeds 0..N-1 (default 2 with --quick, else {MIN_SEEDS}: the verdict rule's minimum)")
+                   help=f"seeds 0..N-1 (default 2 with --quick, else the experiment's SEEDS, at least {MIN_SEEDS}: "
+                        "the verdict rule's minimum)")
     p.add_argument("--fresh", action="store_true", help="rerun runs that already finished")
     p.add_argument("--parallel", type=int, default=1, metavar="N",
                    help="run up to N experiment families at the same time (each family's runs stay sequential)")
     p.add_argument("--dry-run", action="store_true", help="print the runs that would start")
     p.add_argument("--doc-only", action="store_true", help="only rewrite docs/reproduction.md from saved results")
     args = p.parse_args(argv)
-    seeds = list(range(args.seeds if args.seeds else (2 if args.quick else MIN_SEEDS)))
+
+    def seeds_of(name: str) -> list[int]:
+        return list(range(args.seeds or (2 if args.quick else getattr(EXPERIMENTS[name], "SEEDS", MIN_SEEDS))))
+
     only = args.only or list(EXPERIMENTS)
     command = "python reproduction/run.py " + " ".join(argv if argv is not None else sys.argv[1:])
     RUNS.mkdir(parents=True, exist_ok=True)
@@ -55,7 +60,7 @@ def main(argv=None) -> int:
         started = time.time()
 
         def family(name):
-            runner = Runner(fresh=args.fresh, dry=args.dry_run)
+            runner, seeds = Runner(fresh=args.fresh, dry=args.dry_run), seeds_of(name)
             t = time.time()
             log(f"=== {name}: seeds {seeds}{' (quick)' if args.quick else ''}")
             if args.dry_run:
@@ -68,7 +73,8 @@ def main(argv=None) -> int:
             res["meta"] = {"command": command, "quick": args.quick, "seconds": time.time() - t,
                            "run_seconds": sum(r.seconds for r in runner.runs), "runs": len(runner.runs),
                            "reused": sum(r.reused for r in runner.runs), "finished": time.strftime("%Y-%m-%d %H:%M")}
-            (RUNS / f"results-{name}.json").write_text(json.dumps(res, indent=1, default=str))
+            RESULTS.mkdir(exist_ok=True)
+            (RESULTS / f"{name}.json").write_text(json.dumps(res, indent=1, default=str))
             log(f"=== {name} done in {(time.time() - t) / 60:.1f} min ({len(runner.runs)} runs)")
 
         with ThreadPoolExecutor(max_workers=max(1, args.parallel)) as pool:

@@ -51,8 +51,11 @@ fi
 suffix="${MPICC##*/mpicc}"; suffix="${suffix#mpicc}"
 MPIEXEC="$(command -v "mpiexec$suffix" || command -v mpirun || true)"
 [ -n "$MPIEXEC" ] || die "no mpiexec$suffix (or mpirun) next to $MPICC"
-MPI_VERSION="$("$MPIEXEC" --version 2>/dev/null | head -n1)"
-case "$("$MPIEXEC" --version 2>&1)" in *"Open MPI"*|*OpenRTE*) MPI_FLAVOR=openmpi ;; *HYDRA*|*MPICH*|*Intel*) MPI_FLAVOR=mpich ;; *) MPI_FLAVOR=unknown ;; esac
+# No "| head" under pipefail: MPICH's mpiexec prints ~40 lines, and when head closed the pipe first
+# mpiexec died of SIGPIPE and set -e ended set-up with exit 141 (CI, 2026-12-02).
+mpi_version_text="$("$MPIEXEC" --version 2>&1 || true)"
+MPI_VERSION="${mpi_version_text%%$'\n'*}"
+case "$mpi_version_text" in *"Open MPI"*|*OpenRTE*) MPI_FLAVOR=openmpi ;; *HYDRA*|*MPICH*|*Intel*) MPI_FLAVOR=mpich ;; *) MPI_FLAVOR=unknown ;; esac
 # The MPI's identity for the caches: its compile line (include and library paths) and launcher version.
 MPI_ID="$({ "$MPICC" -show 2>/dev/null || "$MPICC" --showme 2>/dev/null; echo "$MPI_VERSION"; } | sha1sum | cut -c1-10)"
 say "MPI: $(command -v "$MPICC") ($MPI_VERSION; launcher $MPIEXEC, $MPI_FLAVOR, id $MPI_ID)"
@@ -139,7 +142,7 @@ fi
 # --no-cache-dir: pip caches a wheel it built from source under the sdist's name alone, so the second
 # venv (.venv-mpich after .venv) silently got the mpi4py built for the first MPI (CI, 2026-12-02).
 MPICC="$(command -v "$MPICC")" "${PIP[@]}" install --no-cache-dir --no-binary=mpi4py --force-reinstall --no-deps mpi4py
-lib="$("$VPY" -c 'from mpi4py import MPI; print(MPI.Get_library_version().splitlines()[0])')"
+lib="$("$VPY" -c 'from mpi4py import MPI; print(MPI.Get_library_version().replace(chr(0), "").splitlines()[0])')"
 case "$MPI_FLAVOR:$lib" in
   openmpi:*"Open MPI"*|mpich:*MPICH*|mpich:*Intel*|mpich:*MVAPICH*|unknown:*) ;;
   *) die "mpi4py in $VENV runs on '$lib', not the $MPI_FLAVOR of $MPICC; remove $VENV and run again" ;;
@@ -191,7 +194,7 @@ if ! ls "$wheel_dir"/horovod-*.whl >/dev/null 2>&1; then
       [ -f "$wheel_nccl/include/nccl.h" ] || die "no NCCL: set HOROVOD_NCCL_HOME (or 'module load nccl')"
       nccl="$work/nccl"; mkdir -p "$nccl/lib"
       ln -s "$wheel_nccl/include" "$nccl/include"
-      ln -s "$wheel_nccl"/lib/libnccl.so.* "$nccl/lib/"; ln -s "$(ls "$wheel_nccl"/lib/libnccl.so.* | head -n1)" "$nccl/lib/libnccl.so"
+      ln -s "$wheel_nccl"/lib/libnccl.so.* "$nccl/lib/"; libs=("$wheel_nccl"/lib/libnccl.so.*); ln -s "${libs[0]}" "$nccl/lib/libnccl.so"
     fi
     gpu_env=(HOROVOD_GPU_OPERATIONS=NCCL HOROVOD_CUDA_HOME="$CUDA_HOME" HOROVOD_NCCL_LINK=SHARED
              ${nccl:+HOROVOD_NCCL_HOME="$nccl"})

@@ -165,3 +165,20 @@ def test_stale_policy_wait_keeps_the_teacher_and_drop_loses_it(tmp_path, data_di
     assert wait["stale_policy"] == "wait" and wait["stale_waits"] >= 1 and wait["stale_wait_seconds"] > 0
     assert wait["teachers_dropped"] == 0 and wait_teachers and all(t == 1 for t in wait_teachers), wait_teachers
     assert wait["teacher_staleness"]["max"] <= 20
+
+
+def test_teacher_age_fixes_the_staleness_whatever_the_speeds(tmp_path, data_dir):
+    """HPCDISTILL_TEACHER_AGE=D: from step t a group distills from the peer's file of step
+    floor((t-D)/50)*50 exactly, waiting for it when the peer is behind (group 1 runs 3x slower here).
+    Over the steps with the term on (150..299) the staleness is D..D+49: mean D+24.5, max D+49, in
+    both groups, with no step lacking a teacher; the last teacher loaded (at step 300) is of step 300-D."""
+    for d in (0, 100):
+        run = tmp_path / f"age-{d}"
+        train(2, run, mode="codistill", groups=2, data_dir=data_dir, steps=300, exchange_every=50, burn_in=150,
+              teacher_age=d, max_staleness=160, straggler_rank=1, straggler_delay=2, log_every=50, timeout=400)
+        c = summary(run)["codistill"]
+        assert c["teacher_age"] == d and c["teachers_prefetched"] == 0
+        assert c["teacher_staleness"]["mean"] == pytest.approx(d + 24.5), c["teacher_staleness"]
+        assert c["teacher_staleness"]["max"] == d + 49
+        assert c["steps_without_teacher"] == 0 and c["teachers_dropped"] == 0 and c["teachers_rejected"] == 0
+        assert [g["last_loaded"] for g in c["groups"]] == [{"1": 300 - d}, {"0": 300 - d}]

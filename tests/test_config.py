@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 from pathlib import Path
 
@@ -38,6 +39,7 @@ BAD = {
     "MAX_STALENESS": ("soon", "valid integer"),
     "STALE_POLICY": ("ignore", "drop"),
     "BURN_IN": ("-1", "greater than or equal to 0"),
+    "TEACHER_AGE": ("-50", "greater than or equal to 0"),
     "DISTILL_WEIGHT": ("-0.5", "greater than or equal to 0"),
     "TEMPERATURE": ("0", "greater than 0"),
     "CODISTILL_TARGET": ("teachers", "peers"),
@@ -371,3 +373,16 @@ def test_settings_env_round_trip(env, tmp_path, data_dir):
     assert {k: v[0] for k, v in unpinned.items()} == {k: v[0] for k, v in before.items()}
     assert ({k for k, v in unpinned.items() if v[1] == "computed"}
             == {k for k, v in before.items() if v[1] == "computed"})
+
+
+@pytest.mark.parametrize("settings, says", [
+    ({"HPCDISTILL_TEACHER_AGE": "100", "HPCDISTILL_BURN_IN": "120"}, "at least TEACHER_AGE + EXCHANGE_EVERY = 150"),
+    ({"HPCDISTILL_TEACHER_AGE": "100", "HPCDISTILL_BURN_IN": "150", "HPCDISTILL_MAX_STALENESS": "100"},
+     "raise MAX_STALENESS to at least 149"),
+    ({"HPCDISTILL_TEACHER_AGE": "0", "HPCDISTILL_CODISTILL_TARGET": "label-smoothing"}, "unset it"),
+])
+def test_teacher_age_is_checked_against_burn_in_and_staleness(env, settings, says):
+    for k, v in {"HPCDISTILL_MODE": "codistill", **settings}.items():
+        env.setenv(k, v)
+    with pytest.raises(ConfigError, match=re.escape(says)):
+        load_settings()

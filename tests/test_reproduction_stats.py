@@ -43,3 +43,32 @@ def test_a_row_says_why_it_cannot_be_tested_and_serialises_flat():
     assert data["verdict"] == "not testable here (ASGD has no gap)" and data["seeds"] == 2
     assert data["workers"] == 16 and data["staleness_mean"] == 15.0 and "extra" not in data
     assert Row.of("x", "y", Effect([]), "none").json()["effect"] is None
+
+
+class _Finished:
+    """A finished sweep run as reproduction/codistill.py reads it: ok and its validation curve."""
+
+    def __init__(self, curve):
+        self.ok, self.curve, self.command, self.name, self.error = True, curve, "", "", ""
+
+    def val_curve(self, group=0):
+        return self.curve
+
+
+def test_the_batch_where_sync_sgd_stops_scaling():
+    """Steps to the loosest best loss (1.0 here): B=32 needs 800, 64 needs 400 (-50 %), 128 needs 300
+    (-25 %), 256 needs 290 (-3 %: saturated), so B* = 128; without the last point no B saturates and
+    B* falls back to the largest B / 2 with saturated false."""
+    import codistill
+
+    def curve(at):  # validation loss 2.0 until `at`, then 1.0 (crossing interpolated from at-100)
+        return [(s, 2.0 if s < at else 1.0) for s in range(0, 1001, 100) if s != at] + [(at, 1.0)]
+
+    steps = {32: 800, 64: 400, 128: 300, 256: 290}
+    z = {**codistill.sizes(False), "batches": list(steps)}
+    found = codistill.saturation({(B, 0): _Finished(sorted(curve(s))) for B, s in steps.items()}, z)
+    assert found["steps_mean"] == {"32": 800.0, "64": 400.0, "128": 300.0, "256": 290.0}
+    assert (found["bstar"], found["saturated"]) == (128, True)
+    z["batches"] = [32, 64, 128]
+    found = codistill.saturation({(B, 0): _Finished(sorted(curve(steps[B]))) for B in z["batches"]}, z)
+    assert (found["bstar"], found["saturated"]) == (64, False)

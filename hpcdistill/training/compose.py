@@ -72,7 +72,7 @@ def make_teachers(s, *, comm, topo, spec, arch, data_kind: str, run_dir: Path, e
             spec=spec, arch=arch, device=topo.device, max_staleness=s.max_staleness, policy=s.stale_policy,
             wait_timeout=s.stale_wait, exchange_id=exchange_id, stop=stop, exchange_every=s.exchange_every,
             burn_in=s.burn_in, data_split=s.data_split, records=records, factories=factories, k=s.num_peers,
-            seed=s.seed, writer=writer)
+            seed=s.seed, writer=writer, age=s.teacher_age)
     if kind is LabelSmoothingControl:
         return LabelSmoothingControl(target=s.codistill_target, data_split=s.data_split, stale_policy=s.stale_policy,
                                      exchange_id=None)
