@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from hpcdistill.checkpoints import CheckpointManager
 from hpcdistill.comm.shards import shard_bounds
 from hpcdistill.strategies.dcasgd import MEANSQ_EPS, dc_delta
 
@@ -340,8 +341,6 @@ def test_codistill_workers_stop_together_at_an_exchange_step(tmp_path):
 def test_train_async_dcasgd_a_on_digits(tmp_path, data_dir):
     """`HPCDISTILL_MODE=async HPCDISTILL_ASYNC_RULE=dcasgd-a mpirun -np 5 hpcdistill train` with the
     default steps and learning rate (resume is checked exactly, and faster, through the updater above)."""
-    from hpcdistill.checkpoints import CheckpointManager
-
     run = tmp_path / "run"
     proc = train(5, run, mode="async", async_rule="dcasgd-a", data_dir=data_dir, timeout=240)
     summary = json.loads((run / "summary.json").read_text())
@@ -375,6 +374,9 @@ def test_round_robin_schedule_makes_staleness_exactly_workers_minus_one(tmp_path
     assert a["updates"] == workers * steps and a["worker_updates"] == [steps] * workers
     assert a["staleness_counts"] == [1] * (workers - 1) + [workers * steps - (workers - 1)]
     assert a["staleness"]["p50"] == a["staleness"]["max"] == workers - 1
+    # the bias correction's t is checkpointed (the lead worker's: its `steps` mean-square updates)
+    _, arrays, _ = CheckpointManager(run / "checkpoints").latest_valid()
+    assert int(arrays["extra/async_meansq_updates"][0]) == steps
 
 
 @needs_mpi

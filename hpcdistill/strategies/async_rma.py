@@ -42,7 +42,7 @@ import torch
 from hpcdistill.comm.rma import MPI, ClockWindow, CounterWindow, ShardedVector, in_turn
 from hpcdistill.comm.wait import polite_barrier, polite_wait
 from hpcdistill.log import get_logger
-from hpcdistill.strategies.dcasgd import _mean, dc_delta, pooled_summary, staleness_stats
+from hpcdistill.strategies.dcasgd import dc_delta, mean_or_none, pooled_summary, staleness_stats
 
 log = get_logger("async")
 
@@ -124,6 +124,7 @@ class AsyncUpdater:
 
         self._buffers(self.flat_param.device)
         self.meansq: torch.Tensor | None = None
+        self.meansq_updates = 0  # t of the bias correction 1 - m^t: checkpointed, so a resume goes on from it
         self.clock = self.start_clock = 0
         self.version0 = 0
         self.staleness: list[int] = []
@@ -197,6 +198,8 @@ class AsyncUpdater:
         if ms is not None and np.asarray(ms).size == self.n and self.rule == "dcasgd-a":
             ms = np.asarray(ms, np.float32).reshape(-1)  # the lead's, for every worker
             self.meansq = torch.from_numpy(ms.copy()).to(self.flat_param.device)
+            t = np.asarray(self._loaded.get("async_meansq_updates", [10**6]), np.int64).reshape(-1)
+            self.meansq_updates = int(t[0]) if t.size else 10**6  # a checkpoint without it: warm, no correction
         if self.index == 0:
             self.weights.put(self.flat_param.detach().to("cpu", copy=True).numpy())
             self.version.write_all([version0])
@@ -312,7 +315,9 @@ class AsyncUpdater:
             eta = lr
             if self.lr_rule == "staleness-aware":
                 eta = lr / max(1, self.version.value() - v_pull)
-            correction = 1 - self.decay ** (len(self.staleness) + 1) if self.bias_correction else 1.0
+            if self.rule == "dcasgd-a":
+                self.meansq_updates += 1
+            correction = 1 - self.decay ** self.meansq_updates if self.bias_correction else 1.0
             delta, self.meansq = dc_delta(g, w_bak, w_now, rule=self.rule, lr=eta, lambda0=self.lambda0,
                                           meansq=self.meansq, decay=self.decay, out=self.delta,
                                           scratch=self.scratch, correction=correction)
@@ -409,6 +414,7 @@ class AsyncUpdater:
         out = {"async_version": np.array([version], np.int64), "async_clocks": np.asarray(clocks, np.int64).copy()}
         if self.meansq is not None:
             out["async_meansq"] = self.meansq.cpu().numpy().copy()
+            out["async_meansq_updates"] = np.array([self.meansq_updates], np.int64)
         return out
 
     def checkpoint_view(self, model) -> tuple:
@@ -467,5 +473,5 @@ class AsyncUpdater:
                     "wait_seconds": float(sum(e["ssp_wait_seconds"] for e in everyone))},
             "worker_updates": [int(e["updates"]) for e in everyone],
             "momentum_applied": False,
-            "overshoot_share": _mean([x for e in everyone for x in e["overshoot"]]),
+            "overshoot_share": mean_or_none([x for e in everyone for x in e["overshoot"]]),
         }}

@@ -55,7 +55,7 @@ def _update_meansq(gg: torch.Tensor, meansq: torch.Tensor | None, decay: float) 
     return meansq.mul_(decay).add_(gg.mul_(1 - decay))
 
 
-def _mean(values: list) -> float | None:
+def mean_or_none(values: list) -> float | None:
     return float(np.mean(values)) if values else None
 
 
@@ -85,7 +85,7 @@ def pooled_summary(parts: list[dict]) -> dict:
         "ssp": {"max_lead": max(p["ssp"]["max_lead"] for p in parts),
                 "waits": sum(p["ssp"]["waits"] for p in parts),
                 "wait_seconds": sum(p["ssp"]["wait_seconds"] for p in parts)},
-        "overshoot_share": _mean([p["overshoot_share"] for p in parts if p.get("overshoot_share") is not None]),
+        "overshoot_share": mean_or_none([p["overshoot_share"] for p in parts if p.get("overshoot_share") is not None]),
         "groups": parts,
     }
 

@@ -307,7 +307,8 @@ class Trainer:
             return self._finish(None, stopped=False, diverged=step)
         if not stopped:
             self.teachers.on_end(step, self._publishable(),
-                                 numbers({"train_loss": loss_ema or 0.0, "initial_loss": initial_loss or 0.0}))
+                                 numbers({"train_loss": 0.0 if loss_ema is None else loss_ema,
+                                          "initial_loss": 0.0 if initial_loss is None else initial_loss}))
         return self._finish(self._group_result(step) if not stopped else None, stopped)
 
     def _group_result(self, step: int) -> dict | None:
