@@ -151,6 +151,14 @@ def analyse(runs: dict, found: dict, seeds: list[int], churn_seeds: list[int], z
             res["commands"][name] = r.command
         if not r.ok:
             res["failed"].append(f"{r.name}: {r.error}")
+    for key, r in list(ok.items()):  # a controlled age that did not hold (a peer's file never came) is no data
+        cd = r.summary.get("codistill") or {}
+        d, st = cd.get("teacher_age"), cd.get("teacher_staleness", {})
+        e = z["exchange_every"]
+        if d is not None and (st.get("mean") != d + (e - 1) / 2 or cd.get("steps_without_teacher")):
+            res["failed"].append(f"{r.name}: teacher age {st} and {cd.get('steps_without_teacher')} steps without "
+                                 f"a teacher, not the controlled {d}..{d + e - 1}")
+            del ok[key]
     for (name, seed), r in sorted(ok.items()):
         sync = ok.get(("sync-2B", seed))
         target = sync.groups()[0]["val_loss"] if sync else None

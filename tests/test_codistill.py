@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from hpcdistill.checkpoints import CheckpointManager, model_arrays
+from hpcdistill.checkpoints.manager import numbered_files
 from hpcdistill.data import open_source
 from hpcdistill.ensemble import ensemble_accuracy
 from hpcdistill.exchange import Exchange
@@ -182,3 +183,5 @@ def test_teacher_age_fixes_the_staleness_whatever_the_speeds(tmp_path, data_dir)
         assert c["teacher_staleness"]["max"] == d + 49
         assert c["steps_without_teacher"] == 0 and c["teachers_dropped"] == 0 and c["teachers_rejected"] == 0
         assert [g["last_loaded"] for g in c["groups"]] == [{"1": 300 - d}, {"0": 300 - d}]
+        for g in (0, 1):  # every file a peer may wait for was written (none coalesced away by a writer)
+            assert [s for s, _ in numbered_files(run / "exchange" / f"group-{g}")] == list(range(300, 0, -50))
