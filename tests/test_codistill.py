@@ -183,5 +183,6 @@ def test_teacher_age_fixes_the_staleness_whatever_the_speeds(tmp_path, data_dir)
         assert c["teacher_staleness"]["max"] == d + 49
         assert c["steps_without_teacher"] == 0 and c["teachers_dropped"] == 0 and c["teachers_rejected"] == 0
         assert [g["last_loaded"] for g in c["groups"]] == [{"1": 300 - d}, {"0": 300 - d}]
+        keep = max(3, 2 * d // 50 + 3)  # a faster peer needs files 2D + E back
         for g in (0, 1):  # every file a peer may wait for was written (none coalesced away by a writer)
-            assert [s for s, _ in numbered_files(run / "exchange" / f"group-{g}")] == list(range(300, 0, -50))
+            assert [s for s, _ in numbered_files(run / "exchange" / f"group-{g}")] == list(range(300, 0, -50))[:keep]
