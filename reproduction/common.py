@@ -84,12 +84,27 @@ class Run:
 
 
 class Runner:
-    """Runs jobs one after another (the machine has 2 cores) and remembers them."""
+    """Runs jobs one after another (the machine has 2 cores) and remembers them.
 
-    def __init__(self, fresh: bool = False, dry: bool = False):
-        self.fresh, self.dry = fresh, dry
+    With `records` (a JSON file under reproduction/results/, for a family whose analysis reads only
+    summary.json), every finished run's settings and summary are kept there too, and a run found there
+    with the same settings is not run again: the family resumes on another machine, without its run
+    directories (the DC-ASGD family is ~1 h of the suite's 2 cores)."""
+
+    def __init__(self, fresh: bool = False, dry: bool = False, records: Path | None = None):
+        self.fresh, self.dry, self.records = fresh, dry, records
         self.runs: list[Run] = []
         self.started = time.time()
+        self._recorded = json.loads(records.read_text()) if records and records.exists() and not fresh else {}
+
+    def _record(self, run: Run) -> None:
+        if self.records is not None and not self.dry:
+            self._recorded[run.name] = {"np": run.np, "settings": _portable(run.env), "seconds": run.seconds,
+                                        "summary": run.summary}
+            self.records.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.records.with_suffix(".tmp")
+            tmp.write_text(json.dumps(dict(sorted(self._recorded.items())), indent=0, default=str))
+            tmp.replace(self.records)
 
     def run(self, name: str, np_: int, settings: dict) -> Run:
         """Run (or reuse) the job `name` (a path under reproduction/runs/) with `settings`."""
@@ -103,8 +118,15 @@ class Runner:
             if old.get("np") == np_ and old.get("settings") == settings:
                 run.ok, run.seconds, run.reused = True, old["seconds"], True
                 run.summary = RunSummary.load(path / "summary.json").model_dump(by_alias=True, exclude_none=True)
+                if name not in self._recorded:
+                    self._record(run)
                 self.runs.append(run)
                 return run
+        rec = self._recorded.get(name)
+        if not self.fresh and rec and rec["np"] == np_ and rec["settings"] == _portable(settings):
+            run.ok, run.seconds, run.reused, run.summary = True, rec["seconds"], True, rec["summary"]
+            self.runs.append(run)
+            return run
         if self.dry:
             log(f"would run {name}: {run.command}")
             self.runs.append(run)
@@ -128,6 +150,7 @@ class Runner:
             run.ok = True
             run.summary = RunSummary.load(path / "summary.json").model_dump(by_alias=True, exclude_none=True)
             record.write_text(json.dumps({"np": np_, "settings": settings, "seconds": run.seconds}, indent=1))
+            self._record(run)
             log(f"  done in {run.seconds:.0f} s (suite so far {(time.time() - self.started) / 60:.1f} min)")
         else:
             tail = (path / "train.log").read_text(errors="replace").splitlines()[-5:]
@@ -135,6 +158,11 @@ class Runner:
             log(f"  FAILED after {run.seconds:.0f} s ({run.error[:300]})")
         self.runs.append(run)
         return run
+
+
+def _portable(settings: dict) -> dict:
+    """Settings without the run directory (an absolute path: another checkout has another)."""
+    return {k: v for k, v in settings.items() if k != "HPCDISTILL_RUN_DIR"}
 
 
 # --- models from checkpoints (never torch.load) ----------------------------------------------------

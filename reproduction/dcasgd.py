@@ -35,6 +35,7 @@ from common import fmt, mean_std, table
 from stats import Row, paired
 
 RULES = ["asgd", "dcasgd-c", "dcasgd-a", "dcasgd-a-bc"]
+SUMMARY_ONLY = True  # the analysis reads summary.json alone: runs are kept in reproduction/results/dcasgd-runs.json
 LABELS = {"sequential": "sequential SGD", "ssgd": "SSGD", "asgd": "ASGD", "dcasgd-c": "DC-ASGD-c",
           "dcasgd-a": "DC-ASGD-a", "dcasgd-a-bc": "DC-ASGD-a (bias-corrected)"}
 

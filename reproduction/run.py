@@ -60,7 +60,8 @@ def main(argv=None) -> int:
         started = time.time()
 
         def family(name):
-            runner, seeds = Runner(fresh=args.fresh, dry=args.dry_run), seeds_of(name)
+            records = RESULTS / f"{name}-runs.json" if getattr(EXPERIMENTS[name], "SUMMARY_ONLY", False) else None
+            runner, seeds = Runner(fresh=args.fresh, dry=args.dry_run, records=records), seeds_of(name)
             t = time.time()
             log(f"=== {name}: seeds {seeds}{' (quick)' if args.quick else ''}")
             if args.dry_run:

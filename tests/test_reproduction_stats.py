@@ -73,3 +73,21 @@ def test_the_batch_where_sync_sgd_stops_scaling():
     found = codistill.saturation({(B, 0): _Finished(sorted(curve(steps[B]))) for B in z["batches"]}, z)
     assert (found["bstar"], found["saturated"]) == (None, False)
     assert codistill._cuts(found) == {32: 0.5, 64: 0.25}
+
+
+def test_a_family_resumes_from_its_committed_run_records(tmp_path):
+    """A run kept in a family's records file (reproduction/results/<family>-runs.json) with the same
+    settings is reused without its run directory (another checkout); other settings are run again."""
+    import common
+
+    settings = {"HPCDISTILL_MODE": "async", "HPCDISTILL_STEPS": "10"}
+    summary = {"groups": [{"group": 0, "test_accuracy": 0.9, "test_loss": 0.3}], "async": {"staleness": {}}}
+    records = tmp_path / "dcasgd-runs.json"
+    records.write_text(json.dumps({"dcasgd/x-s0": {"np": 3, "settings": settings, "seconds": 12.0,
+                                                   "summary": summary}}))
+    runner = common.Runner(dry=True, records=records)
+    run = runner.run("dcasgd/x-s0", 3, settings)
+    assert run.ok and run.reused and run.seconds == 12.0 and run.groups()[0]["test_accuracy"] == 0.9
+    other = runner.run("dcasgd/x-s0", 3, {**settings, "HPCDISTILL_STEPS": "20"})
+    assert not other.ok and not other.reused  # a dry runner only says what it would run
+    assert not common.Runner(dry=True, fresh=True, records=records).run("dcasgd/x-s0", 3, settings).reused
