@@ -27,7 +27,7 @@ regime in which disjoint and shared data can differ.
 3. **Churn** (paper section 3.5): sync-2B and codistill run for seeds n .. 2n-1 too; seed pairs (0, 1),
    (2, 3), ... are disjoint, one value each: the share of test images whose top-1 class differs between
    seed a's and seed b's model (codistill: group 0 of each), and the mean total variation between their
-   predicted distributions (1/2 sum_c |p_a,c - p_b,c|, "mean |dp|").
+   predicted distributions (1/2 sum_c |p_a,c - p_b,c|, "mean Δp").
 """
 
 from __future__ import annotations
@@ -255,7 +255,7 @@ def section(res: dict) -> str:
     ch = res.get("churn", {})
     if ch:
         out.append("\n**Churn between retrains** (disjoint seed pairs, the 10k test images):\n")
-        out.append(table(["models", "pairs", "top-1 disagreement %", "mean |dp| (total variation)"], [
+        out.append(table(["models", "pairs", "top-1 disagreement %", "mean Δp (total variation)"], [
             [n, len(v), fmt([p["top1"] for p in v.values()], 2, 100), fmt([p["tv"] for p in v.values()], 4)]
             for n, v in ch.items()]))
     within = _col(res, "codistill", "within_run_churn")
@@ -312,7 +312,8 @@ def verdicts(res: dict) -> list[Row]:
                            f"test cross-entropy, age {max(ages)} − age 0: {stale.text(4)}"
                            + (f"; {more}" if more else ""), **extra))
     ch = res.get("churn", {})
-    for what, label, digits, scale in (("top1", "top-1 disagreement", 2, 100), ("tv", "mean |dp|", 4, 1)):
+    for what, label, digits, scale in (("top1", "top-1 disagreement", 2, 100),
+                                       ("tv", "mean Δp, the total variation", 4, 1)):
         a = {i: p[what] for i, p in ch.get("sync-2B", {}).items()}
         b = {i: p[what] for i, p in ch.get("codistill", {}).items()}
         e = paired(a, b)
