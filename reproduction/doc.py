@@ -79,7 +79,8 @@ def write():
              "comes from `reproduction/results/<experiment>.json` (committed), which the runner writes from the "
              "run directories under `reproduction/runs/` (git-ignored). Regenerate with:\n",
              "    .venv/bin/python reproduction/run.py --quick          # 2 seeds, fewer sweep points",
-             f"    .venv/bin/python reproduction/run.py --parallel 2     # {MIN_SEEDS} seeds, everything",
+             f"    .venv/bin/python reproduction/run.py --parallel 2     # everything: {MIN_SEEDS} seeds (distillation "
+             f"{distill.SEEDS})",
              "    .venv/bin/python reproduction/run.py --only distill   # one experiment family",
              "    .venv/bin/python reproduction/run.py --doc-only       # rewrite this file from saved results\n",
              "The results in this file were produced by:\n"]
