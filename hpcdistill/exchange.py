@@ -198,8 +198,8 @@ class Exchange:
 
         Files with step < min_step are not read (pass the step of the teacher in hand + 1 to read only
         newer ones), nor files with step > max_step. Files whose step or path is in `exclude_path_steps` are
-        skipped. A refused file
-        is remembered by (inode, mtime, size) and neither re-read nor re-reported until it changes.
+        skipped. A refused file is remembered by (inode, mtime, size) and neither re-read nor re-reported
+        until it changes.
         """
         exclude = exclude_path_steps or set()
         files = numbered_files(self._group_dir(peer))

@@ -299,7 +299,7 @@ class PeerTeachers(_CodistillSection, _Teachers):
     step t is each peer's file of step floor((t - D) / E) * E exactly (E = EXCHANGE_EVERY), waited for
     (bounded) when the peer has not written it yet: a teacher's age is D .. D+E-1 whatever the groups'
     speeds, so runs repeat. Files are then published before the refresh (at D < E a peer waits for
-    this very file) and read in the loop (no prefetcher).
+    this very file), and written and read in the loop (no background writer, no prefetcher).
     """
 
     def __init__(self, exchange_dir: Path, *, comm, group: int, num_groups: int, spec: ModelSpec, arch: dict,

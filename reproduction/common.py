@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from hpcdistill.atomic import atomic_path
 from hpcdistill.launch import command_line, job_env, mpirun_command
 from hpcdistill.summary import RunSummary
 
@@ -102,9 +103,8 @@ class Runner:
             self._recorded[run.name] = {"np": run.np, "settings": _portable(run.env), "seconds": run.seconds,
                                         "summary": run.summary}
             self.records.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.records.with_suffix(".tmp")
-            tmp.write_text(json.dumps(dict(sorted(self._recorded.items())), indent=0, default=str))
-            tmp.replace(self.records)
+            with atomic_path(self.records) as tmp:
+                tmp.write_text(json.dumps(dict(sorted(self._recorded.items())), indent=0, default=str))
 
     def run(self, name: str, np_: int, settings: dict) -> Run:
         """Run (or reuse) the job `name` (a path under reproduction/runs/) with `settings`."""

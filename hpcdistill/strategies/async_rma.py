@@ -198,7 +198,7 @@ class AsyncUpdater:
         if ms is not None and np.asarray(ms).size == self.n and self.rule == "dcasgd-a":
             ms = np.asarray(ms, np.float32).reshape(-1)  # the lead's, for every worker
             self.meansq = torch.from_numpy(ms.copy()).to(self.flat_param.device)
-            t = np.asarray(self._loaded.get("async_meansq_updates", [10**6]), np.int64).reshape(-1)
+            t = np.asarray(self._loaded.get("async_meansq_updates", []), np.int64).reshape(-1)
             self.meansq_updates = int(t[0]) if t.size else 10**6  # a checkpoint without it: warm, no correction
         if self.index == 0:
             self.weights.put(self.flat_param.detach().to("cpu", copy=True).numpy())
