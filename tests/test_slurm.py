@@ -179,9 +179,18 @@ def ws(slurm, tmp_path_factory) -> Workspace:
 
     ws = Workspace(tmp_path_factory.mktemp("slurm"))
     prepare("digits", ws.data_dir)
-    # Bad settings first (they end in seconds), then the longest chain (signal -> requeue -> resume).
+    # Bad settings first (they end in seconds), then the jobs whose tasks must overlap, then the longest chain.
     ws.submit("bad_value", "sync.sbatch", "--ntasks=4", "--job-name=hpcd-bad", HPCDISTILL_STEPS="abc")
     ws.submit("bad_world", "codistill.sbatch", "--ntasks=4", "--job-name=hpcd-badworld", HPCDISTILL_GROUPS=3)
+    # Codistillation across jobs (submitted first so that both array tasks start together: queued behind
+    # the other jobs, task 1 once waited until task 0 had finished, and task 0 never saw a teacher; CI,
+    # stop 20): array task i trains group i; task 1 is sent the time-limit warning,
+    # checkpoints, is requeued and rejoins while task 0 trains on (400 steps of >= 50 ms: longer than
+    # a requeue takes here; teachers of any age are used, so each task has the other's whenever they overlap).
+    ws.submit("coarray", "codistill-array.sbatch", "--ntasks=2", "--array=0-1", **{
+        **SLOW, "HPCDISTILL_STEPS": 400, "HPCDISTILL_EXCHANGE_EVERY": 10, "HPCDISTILL_BURN_IN": 10,
+        "HPCDISTILL_CHECKPOINT_EVERY": 10, "HPCDISTILL_MAX_STALENESS": 1000})
+    ws.signal_midway("coarray", "hpcd-coarray", task=1)
     ws.submit("requeued", "sync.sbatch", "--ntasks=4", **SLOW)
     ws.signal_midway("requeued", "hpcd-sync")
     ws.submit("limit", "sync.sbatch", "--ntasks=2", "--job-name=hpcd-limit", HPCD_MAX_RESTARTS=0, **SLOW)
@@ -201,13 +210,6 @@ def ws(slurm, tmp_path_factory) -> Workspace:
     # A list setting on the sbatch line: Slurm cuts --export at commas, `0:1` must arrive whole.
     ws.submit("async_hosts", "async.sbatch", "--ntasks=3", "--job-name=hpcd-async2",
               export="ALL,HPCDISTILL_PARAM_HOSTS=0:1", HPCDISTILL_STEPS=20, HPCDISTILL_LOG_EVERY=5)
-    # Codistillation across jobs: array task i trains group i; task 1 is sent the time-limit warning,
-    # checkpoints, is requeued and rejoins while task 0 trains on (400 steps of >= 50 ms: longer than
-    # a requeue takes here; teachers of any age are used, so each task has the other's whenever they overlap).
-    ws.submit("coarray", "codistill-array.sbatch", "--ntasks=2", "--array=0-1", **{
-        **SLOW, "HPCDISTILL_STEPS": 400, "HPCDISTILL_EXCHANGE_EVERY": 10, "HPCDISTILL_BURN_IN": 10,
-        "HPCDISTILL_CHECKPOINT_EVERY": 10, "HPCDISTILL_MAX_STALENESS": 1000})
-    ws.signal_midway("coarray", "hpcd-coarray", task=1)
     ws.submit("sweep", "sweep.sbatch", "--ntasks=2", "--array=0-1", HPCDISTILL_MODE="sync", HPCDISTILL_STEPS=20,
               HPCD_SWEEP_VAR="HPCDISTILL_LR", HPCD_SWEEP_VALUES="0.02 0.1")
     return ws
