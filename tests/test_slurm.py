@@ -182,11 +182,11 @@ def ws(slurm, tmp_path_factory) -> Workspace:
     # Bad settings first (they end in seconds), then the jobs whose tasks must overlap, then the longest chain.
     ws.submit("bad_value", "sync.sbatch", "--ntasks=4", "--job-name=hpcd-bad", HPCDISTILL_STEPS="abc")
     ws.submit("bad_world", "codistill.sbatch", "--ntasks=4", "--job-name=hpcd-badworld", HPCDISTILL_GROUPS=3)
-    # Codistillation across jobs (submitted first so that both array tasks start together: queued behind
-    # the other jobs, task 1 once waited until task 0 had finished, and task 0 never saw a teacher; CI,
-    # stop 20): array task i trains group i; task 1 is sent the time-limit warning,
-    # checkpoints, is requeued and rejoins while task 0 trains on (400 steps of >= 50 ms: longer than
-    # a requeue takes here; teachers of any age are used, so each task has the other's whenever they overlap).
+    # Codistillation across jobs, submitted before the long jobs so that both array tasks start together
+    # (queued behind them, task 1 once waited until task 0 had finished, and task 0 never saw a teacher:
+    # CI, stop 20): array task i trains group i; task 1 is sent the time-limit warning, checkpoints, is
+    # requeued and rejoins while task 0 trains on (400 steps of >= 50 ms: longer than a requeue takes
+    # here; teachers of any age are used, so each task has the other's whenever they overlap).
     ws.submit("coarray", "codistill-array.sbatch", "--ntasks=2", "--array=0-1", **{
         **SLOW, "HPCDISTILL_STEPS": 400, "HPCDISTILL_EXCHANGE_EVERY": 10, "HPCDISTILL_BURN_IN": 10,
         "HPCDISTILL_CHECKPOINT_EVERY": 10, "HPCDISTILL_MAX_STALENESS": 1000})
