@@ -8,7 +8,8 @@ by the ~29 % that the sqrt(2) larger lr alone gives, up to B = 1024).
 
 1. **Where sync SGD stops scaling.** Sync SGD, one rank, batch B = 256 .. 4096, each at every lr of
    the grid (sweep seeds). Per seed the target is twice the loosest of the B's best validation losses,
-   so that every B reaches it well before its run ends; a B's lr is the one that reaches it in the fewest steps (mean over seeds).
+   so that every B reaches it well before its run ends; a B's lr is the one that reaches it in the
+   fewest steps (mean over seeds).
    B* is the smallest B where doubling the batch no longer cuts those steps by more than 10 %: adding
    workers to sync SGD has stopped paying there, the paper's precondition. If no B of the sweep
    saturates, the rows below run at B = 256, every verdict row says `sync_saturated: false`, and the
@@ -25,8 +26,8 @@ by the ~29 % that the sqrt(2) larger lr alone gives, up to B = 1024).
 
    Every codistill-type run: exchange every 50 steps, weight 0.5, T = 1, burn-in 300 steps (so that the
    oldest controlled teacher exists when the term starts: both groups always have one).
-3. **Churn** (paper section 3.5): sync-2B and codistill run for seeds n .. 2n-1 too; seed pairs (0, 1),
-   (2, 3), ... are disjoint, one value each: the share of test images whose top-1 class differs between
+3. **Churn** (paper section 3.5): sync-2B, alone and codistill run for seeds n .. 2n-1 too; seed pairs
+   (0, n), (1, n+1), ... are disjoint, one value each: the share of test images whose top-1 class differs between
    seed a's and seed b's model (codistill: group 0 of each), and the mean total variation between their
    predicted distributions (1/2 sum_c |p_a,c - p_b,c|, "mean Δp").
 """
@@ -42,6 +43,7 @@ from stats import Row, paired
 
 DATA = "digits-aug"
 ROWS = ["sync-2B", "alone", "codistill", "shared-data"]
+CHURN = ["sync-2B", "alone", "codistill"]  # alone: churn of the same batch and data without the peer
 
 
 def sizes(quick: bool) -> dict:
@@ -100,7 +102,7 @@ def run(runner, seeds: list[int], quick: bool) -> dict:
     churn_seeds = list(range(len(seeds), 2 * len(seeds)))  # the second seed of each disjoint pair
     for seed in churn_seeds:
         for name, np_, settings in configs(z, bstar, lrs, seed):
-            if name in ("sync-2B", "codistill"):
+            if name in CHURN:
                 runs[(name, seed)] = runner.run(f"codistill/{name}-b{bstar}-s{seed}", np_, settings)
     return analyse(runs, found, seeds, churn_seeds, z)
 
@@ -112,8 +114,8 @@ def saturation(sweep: dict, z: dict) -> dict:
     smallest B whose doubling cuts the mean steps by less than 1 - saturation (10 %).
 
     Per seed the target is twice the loosest of the B's best validation losses (each B at its best lr),
-    so every B reaches it well before its run ends; a B's lr is the grid's fastest to it on the mean over seeds (an lr that never
-    reaches it counts as the run's length)."""
+    so every B reaches it well before its run ends; a B's lr is the grid's fastest to it on the mean
+    over seeds (an lr that never reaches it counts as the run's length)."""
     seeds = sorted({s for _, _, s in sweep})
     lrs = sorted({lr for _, lr, _ in sweep})
     by_lr: dict[int, dict] = {B: {lr: [] for lr in lrs} for B in z["batches"]}
@@ -223,7 +225,7 @@ def _probs(run) -> np.ndarray:
 def _churn(ok: dict, seeds: list[int], churn_seeds: list[int]) -> dict:
     """name -> pair index -> {top1, tv}: seed seeds[i] against churn_seeds[i] (disjoint pairs)."""
     out = {}
-    for name in ("sync-2B", "codistill"):
+    for name in CHURN:
         for i, (a, b) in enumerate(zip(seeds, churn_seeds)):
             if (name, a) in ok and (name, b) in ok:
                 pa, pb = _probs(ok[(name, a)]), _probs(ok[(name, b)])
@@ -348,11 +350,13 @@ def verdicts(res: dict) -> list[Row]:
                                        ("tv", "mean Δp, the total variation", 4, 1)):
         a = {i: p[what] for i, p in ch.get("sync-2B", {}).items()}
         b = {i: p[what] for i, p in ch.get("codistill", {}).items()}
+        c = {i: p[what] for i, p in ch.get("alone", {}).items()}
         e = paired(a, b)
         rows.append(Row.of("codistill", f"codistillation reduces churn between retrains ({label})", e,
                            f"sync-2B − codistill over {e.n} disjoint seed pairs: {e.text(digits, scale)}; sync-2B "
-                           f"{fmt(a.values(), digits, scale)}, codistill {fmt(b.values(), digits, scale)}",
-                           **extra))
+                           f"{fmt(a.values(), digits, scale)}, codistill {fmt(b.values(), digits, scale)}"
+                           + (f"; alone − codistill {paired(c, b).text(digits, scale)} (alone "
+                              f"{fmt(c.values(), digits, scale)})" if c else ""), **extra))
     return rows
 
 
