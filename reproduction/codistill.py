@@ -376,8 +376,9 @@ def plots(res: dict, img_dir, rel: str) -> list[tuple[str, str]]:
         ax.plot(*zip(*pts), marker="o", label="sync SGD, 1 rank")
         if sw["bstar"]:
             ax.axvline(sw["bstar"], color="grey", ls="--", label=f"B* = {sw['bstar']}")
-        ax.set(xscale="log", yscale="log", xlabel="batch B", ylabel="steps to the target validation loss")
+        ax.set(xscale="log", xlabel="batch B", ylabel="steps to the target validation loss")
         ax.set_xticks([B for B, _ in pts], [str(B) for B, _ in pts])
+        ax.minorticks_off()  # log-scale minor labels (3 x 10^2 ...) overlap the batch labels
         ax.set_title("Where sync SGD stops scaling", fontsize=10)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
