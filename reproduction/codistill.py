@@ -272,7 +272,8 @@ def section(res: dict) -> str:
     out.append(f"\n**At {at}**: test cross-entropy and error (the mean over a run's group models), steps "
                "for group 0 to reach sync-2B's final validation loss of the same seed (the same initial weights; "
                "interpolated between validation points; \"(k/n)\": only k of n got there), and the teachers' "
-               "measured age.\n")
+               f"measured age. {', '.join(CHURN)}: seeds {res['seeds'] + res['churn_seeds']} (the churn seeds "
+               f"included); the other rows: seeds {res['seeds']}.\n")
     names = ROWS + [f"age-{d}" for d in z["ages"]] + ["ls"]
     tuned = {B: sw["lr"].get(str(B)) for B in (bstar, 2 * bstar)}
     labels = {"sync-2B": f"sync, 2 ranks x {bstar} (lr {tuned[2 * bstar] or 0:.3g})",
