@@ -278,7 +278,8 @@ def section(res: dict) -> str:
     tuned = {B: sw["lr"].get(str(B)) for B in (bstar, 2 * bstar)}
     labels = {"sync-2B": f"sync, 2 ranks x {bstar} (lr {tuned[2 * bstar] or 0:.3g})",
               "alone": f"one group alone, 1 rank x {bstar} (lr {tuned[bstar] or 0:.3g}, every row below too)",
-              "codistill": "codistill, teacher age 0", "ls": "label-smoothing control (2 groups on disjoint halves, E chosen on validation)"}
+              "codistill": "codistill, teacher age 0",
+              "ls": "label-smoothing control (2 groups on disjoint halves, E chosen on validation)"}
     out.append(table(["run", "test cross-entropy", "test error %", "steps to sync-2B's loss", "teacher age (mean)"], [
         [labels.get(n, n.replace("age-", "codistill, teacher age ")), fmt(_col(res, n).values(), 4),
          fmt(_col(res, n, "test_error").values(), 2, 100),
