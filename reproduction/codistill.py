@@ -93,8 +93,7 @@ def run(runner, seeds: list[int], quick: bool) -> dict:
                     **_base(z, B, lr, seed, z["sweep_eval_every"]), "HPCDISTILL_MODE": "sync"})
     found = saturation(sweep, z)
     bstar = found["bstar"] or z["default_bstar"]
-    middle = z["lrs"][len(z["lrs"]) // 2]  # a B without a tuned lr (its sweep runs failed): the grid's middle
-    lrs = {B: found["lr"].get(str(B), middle) for B in (bstar, 2 * bstar)}
+    lrs = lrs_at(z, found, bstar)
     runs = {}
     for seed in seeds:  # seed-major: an interrupted suite has every row for its first seeds
         for name, np_, settings in configs(z, bstar, lrs, seed):
@@ -105,6 +104,13 @@ def run(runner, seeds: list[int], quick: bool) -> dict:
             if name in CHURN:
                 runs[(name, seed)] = runner.run(f"codistill/{name}-b{bstar}-s{seed}", np_, settings)
     return analyse(runs, found, seeds, churn_seeds, z)
+
+
+def lrs_at(z: dict, found: dict, bstar: int) -> dict:
+    """The lr of B* and of 2B* (sync-2B): the sweep's tuned one, else (its sweep runs failed) the grid's
+    middle."""
+    middle = z["lrs"][len(z["lrs"]) // 2]
+    return {B: found["lr"].get(str(B), middle) for B in (bstar, 2 * bstar)}
 
 
 # --- analysis -------------------------------------------------------------------------------------
@@ -275,9 +281,9 @@ def section(res: dict) -> str:
                f"measured age. {', '.join(CHURN)}: seeds {res['seeds'] + res['churn_seeds']} (the churn seeds "
                f"included); the other rows: seeds {res['seeds']}.\n")
     names = ROWS + [f"age-{d}" for d in z["ages"]] + ["ls"]
-    tuned = {B: sw["lr"].get(str(B)) for B in (bstar, 2 * bstar)}
-    labels = {"sync-2B": f"sync, 2 ranks x {bstar} (lr {tuned[2 * bstar] or 0:.3g})",
-              "alone": f"one group alone, 1 rank x {bstar} (lr {tuned[bstar] or 0:.3g}, every row below too)",
+    used = lrs_at(z, sw, bstar)
+    labels = {"sync-2B": f"sync, 2 ranks x {bstar} (lr {used[2 * bstar]:.3g})",
+              "alone": f"one group alone, 1 rank x {bstar} (lr {used[bstar]:.3g}, every row below too)",
               "codistill": "codistill, teacher age 0",
               "ls": "label-smoothing control (2 groups on disjoint halves, E chosen on validation)"}
     out.append(table(["run", "test cross-entropy", "test error %", "steps to sync-2B's loss", "teacher age (mean)"], [

@@ -57,36 +57,36 @@ class _Finished:
 
 def test_the_batch_where_sync_sgd_stops_scaling():
     """Steps to the loosest best loss (1.0 here) at each batch's fastest lr: B=32 needs 800, 64 needs
-    400 (-50 %), 128 needs 300 (-25 %), 256 needs 290 (-3 %: saturated), so B* = 128; the other lr is
-    slower at every B but 64, whose tuned lr it is; without the last point no B saturates (no B*: the
-    experiment runs at its default batch and says so)."""
+    350 (-56 %), 128 needs 300 (-14 %), 256 needs 290 (-3 %: saturated), so B* = 128; lr 0.1 is the
+    faster at every B but 64 (450 there), whose tuned lr is 0.2, and lr 0.2 never reaches the target at
+    128; without the last point no B saturates (no B*: the experiment runs at its default batch and says
+    so)."""
     import codistill
 
     def curve(at):  # validation loss 2.0 until `at`, then 1.0 (crossing interpolated from at-100)
-        return [(s, 2.0 if s < at else 1.0) for s in range(0, 1001, 100) if s != at] + [(at, 1.0)]
+        return sorted([(s, 2.0 if s < at else 1.0) for s in range(0, 1001, 100) if s != at] + [(at, 1.0)])
 
     def never():  # an lr that diverged: never reaches the target
         return [(s, 3.0) for s in range(0, 1001, 100)]
 
-    steps = {32: 800, 64: 400, 128: 300, 256: 290}
-    slow = {32: 900, 64: 350, 128: None, 256: 600}
-    z = {**codistill.sizes(False), "batches": list(steps), "target_factor": 1.0}
+    steps = {0.1: {32: 800, 64: 450, 128: 300, 256: 290}, 0.2: {32: 900, 64: 350, 128: None, 256: 600}}
+    z = {**codistill.sizes(False), "batches": [32, 64, 128, 256], "target_factor": 1.0}
 
     def sweep(batches):
-        runs = {(B, 0.1, 0): _Finished(sorted(curve(steps[B]) if B != 64 else curve(450))) for B in batches}
-        runs.update({(B, 0.2, 0): _Finished(sorted(curve(slow[B])) if slow[B] else never()) for B in batches})
-        return runs
+        return {(B, lr, 0): _Finished(curve(at[B]) if at[B] else never()) for lr, at in steps.items()
+                for B in batches}
 
-    steps[64] = 350  # at lr 0.2; lr 0.1 takes 450 there
     found = codistill.saturation(sweep(z["batches"]), z)
     assert found["steps_mean"] == {"32": 800.0, "64": 350.0, "128": 300.0, "256": 290.0}
     assert found["lr"] == {"32": 0.1, "64": 0.2, "128": 0.1, "256": 0.1}
     assert found["steps_by_lr"]["128"] == {"0.1": [300.0], "0.2": [None]}
     assert (found["bstar"], found["saturated"]) == (128, True)
+    assert codistill.lrs_at(z, found, 128) == {128: 0.1, 256: 0.1}
     z["batches"] = [32, 64, 128]
     found = codistill.saturation(sweep(z["batches"]), z)
     assert (found["bstar"], found["saturated"]) == (None, False)
     assert codistill._cuts(found) == {32: 1 - 350 / 800, 64: 1 - 300 / 350}
+    assert codistill.lrs_at(z, found, 128) == {128: 0.1, 256: z["lrs"][1]}  # 256 not swept: the grid's middle
 
 
 def test_a_family_resumes_from_its_committed_run_records(tmp_path):
