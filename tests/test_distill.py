@@ -11,9 +11,10 @@ pytestmark = pytest.mark.mpi
 
 @pytest.fixture(scope="module")
 def teacher_run(tmp_path_factory, data_dir):
-    """A finished 2-group codistillation run (one rank per group) whose group models are the teachers."""
+    """A finished 2-group codistillation run (one rank per group) whose group models are the teachers;
+    TEACHER_AGE=0 makes them the same in every run (the freshest file would depend on the groups' speeds)."""
     run = tmp_path_factory.mktemp("teacher") / "codistill"
-    train(2, run, mode="codistill", groups=2, data_dir=data_dir, steps=300)
+    train(2, run, mode="codistill", groups=2, data_dir=data_dir, steps=300, teacher_age=0)
     return run
 
 

@@ -43,7 +43,10 @@ def test_sync_reaches_the_plain_pytorch_loop(tmp_path):
 
 
 def test_codistill_then_distill_into_the_small_variant(tmp_path):
-    train(2, tmp_path / "codistill", mode="codistill", groups=2, steps=600, **EXAMPLE)
+    # TEACHER_AGE=0: each group reads its peer's file of exactly this exchange, so the teachers (and the
+    # student) repeat bit for bit. With the freshest file instead, which one a group reads depends on the
+    # two processes' speeds: the student then scored 0.69, 0.73, 0.74, 0.80 over four runs (alone 0.69).
+    train(2, tmp_path / "codistill", mode="codistill", groups=2, steps=600, teacher_age=0, **EXAMPLE)
     c = summary(tmp_path / "codistill")
     assert c["codistill"]["teachers_loaded"] >= 1 and c["codistill"]["teachers_rejected"] == 0
     assert all(g["test_accuracy"] > 0.9 for g in c["groups"]), c["groups"]
@@ -51,6 +54,8 @@ def test_codistill_then_distill_into_the_small_variant(tmp_path):
     train(2, tmp_path / "alone", **common)
     train(2, tmp_path / "distill", mode="distill", teachers=tmp_path / "codistill", temperature=4,
           distill_weight=0.7, **common)
-    alone = summary(tmp_path / "alone")["groups"][0]["test_accuracy"]
-    distilled = summary(tmp_path / "distill")["groups"][0]["test_accuracy"]
-    assert distilled > alone, (distilled, alone)  # 398 parameters: the teachers have a gap to close
+    alone = summary(tmp_path / "alone")["groups"][0]
+    distilled = summary(tmp_path / "distill")["groups"][0]
+    # 398 parameters: the teachers have a gap to close (here 0.778 / 0.650 against 0.692 / 0.878)
+    assert distilled["test_accuracy"] > alone["test_accuracy"] + 0.03, (distilled, alone)
+    assert distilled["test_loss"] < alone["test_loss"] - 0.1, (distilled, alone)
