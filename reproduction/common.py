@@ -1,7 +1,8 @@
 """The shared runner: launch `hpcdistill train` under mpirun, read back what a run wrote, statistics.
 
 Every run is a real batch job: `mpirun -np N .venv/bin/hpcdistill train` with HPCDISTILL_* variables,
-OMP_NUM_THREADS=1 and HPCDISTILL_RESUME=never, in its own directory under reproduction/runs/. A run
+OMP_NUM_THREADS=1 and HPCDISTILL_RESUME=never, in its own directory under reproduction/runs/
+(reproduction/quick/runs/ with --quick). A run
 whose directory already holds a summary.json written with the same settings is not run again (so an
 interrupted suite picks up where it stopped); --fresh forces every run.
 """
@@ -23,11 +24,35 @@ from hpcdistill.launch import command_line, job_env, mpirun_command
 from hpcdistill.summary import RunSummary
 
 REPO = Path(__file__).resolve().parent.parent
-RUNS = REPO / "reproduction" / "runs"
-RESULTS = REPO / "reproduction" / "results"  # committed: a page can be rebuilt without the runs
 DATA_DIR = REPO / "datasets"
 HPCDISTILL = REPO / ".venv" / "bin" / "hpcdistill"
 RUN_TIMEOUT = 1200  # seconds; a run that takes longer is killed and reported as failed
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where one invocation of the suite writes: run directories, results, the page, its JSON and plots
+    (`rel`: the plots' directory as the page links it)."""
+
+    runs: Path
+    results: Path
+    doc: Path
+    json: Path
+    img: Path
+    rel: str
+    notes: Path | None  # the hand-written reading of the full suite's results; not of a quick run's
+
+
+# The full suite: its results are committed, so the page can be rebuilt without the runs.
+FULL = Layout(runs=REPO / "reproduction" / "runs", results=REPO / "reproduction" / "results",
+              doc=REPO / "docs" / "reproduction.md", json=REPO / "docs" / "reproduction.json",
+              img=REPO / "docs" / "img" / "reproduction", rel="img/reproduction",
+              notes=REPO / "reproduction" / "notes.md")
+# --quick checks that the suite runs end to end; its shortened runs must not overwrite the full results
+# or the page written from them, so everything it makes stays in one git-ignored directory.
+QUICK_DIR = REPO / "reproduction" / "quick"
+QUICK = Layout(runs=QUICK_DIR / "runs", results=QUICK_DIR / "results", doc=QUICK_DIR / "reproduction.md",
+               json=QUICK_DIR / "reproduction.json", img=QUICK_DIR / "img", rel="img", notes=None)
 
 
 def log(msg: str) -> None:
@@ -87,13 +112,13 @@ class Run:
 class Runner:
     """Runs jobs one after another (the machine has 2 cores) and remembers them.
 
-    With `records` (a JSON file under reproduction/results/, for a family whose analysis reads only
+    With `records` (a JSON file beside the results, for a family whose analysis reads only
     summary.json), every finished run's settings and summary are kept there too, and a run found there
     with the same settings is not run again: the family resumes on another machine, without its run
     directories (the DC-ASGD family is ~1 h of the suite's 2 cores)."""
 
-    def __init__(self, fresh: bool = False, dry: bool = False, records: Path | None = None):
-        self.fresh, self.dry, self.records = fresh, dry, records
+    def __init__(self, runs: Path, fresh: bool = False, dry: bool = False, records: Path | None = None):
+        self.root, self.fresh, self.dry, self.records = runs, fresh, dry, records
         self.runs: list[Run] = []
         self.started = time.time()
         self._recorded = json.loads(records.read_text()) if records and records.exists() and not fresh else {}
@@ -107,8 +132,8 @@ class Runner:
                 tmp.write_text(json.dumps(dict(sorted(self._recorded.items())), indent=0, default=str))
 
     def run(self, name: str, np_: int, settings: dict) -> Run:
-        """Run (or reuse) the job `name` (a path under reproduction/runs/) with `settings`."""
-        path = RUNS / name
+        """Run (or reuse) the job `name` (a path under the layout's run directory) with `settings`."""
+        path = self.root / name
         settings = {k: str(v) for k, v in settings.items()}
         settings["HPCDISTILL_RUN_DIR"] = str(path)
         run = Run(name, path, np_, settings)

@@ -6,7 +6,8 @@ Every run is a real `mpirun ... hpcdistill train` job in reproduction/runs/<expe
 Finished runs with the same settings are reused (an interrupted suite resumes); --fresh reruns all.
 Results go to reproduction/results/<experiment>.json (committed, so that the page can be rebuilt
 without the runs), plots to docs/img/reproduction/, and the document to docs/reproduction.md (built
-from every results file present).
+from every results file present). --quick (a few minutes: shortened runs, 2 seeds) checks that the
+suite works end to end and writes all of that under reproduction/quick/ instead (git-ignored).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import dcasgd  # noqa: E402
 import distill  # noqa: E402
 import doc  # noqa: E402
 
-from common import DATA_DIR, HPCDISTILL, REPO, RESULTS, RUNS, Runner, log  # noqa: E402
+from common import DATA_DIR, FULL, HPCDISTILL, QUICK, REPO, Runner, log  # noqa: E402
 from stats import MIN_SEEDS  # noqa: E402
 
 EXPERIMENTS = {"codistill": codistill, "dcasgd": dcasgd, "distill": distill}
@@ -35,7 +36,9 @@ DATASETS = {"codistill": "digits-aug", "dcasgd": "digits-aug", "distill": "digit
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="fewer sweep points and straggler runs (same step counts)")
+    p.add_argument("--quick", action="store_true",
+                   help="a few minutes: shortened runs, fewer sweep points, 2 seeds; written under "
+                        "reproduction/quick/, not over the committed results and page")
     p.add_argument("--only", action="append", choices=list(EXPERIMENTS), help="run only these (repeatable)")
     p.add_argument("--seeds", type=int, default=None,
                    help=f"seeds 0..N-1 (default 2 with --quick, else the experiment's SEEDS, at least {MIN_SEEDS}: "
@@ -44,7 +47,8 @@ def main(argv=None) -> int:
     p.add_argument("--parallel", type=int, default=1, metavar="N",
                    help="run up to N experiment families at the same time (each family's runs stay sequential)")
     p.add_argument("--dry-run", action="store_true", help="print the runs that would start")
-    p.add_argument("--doc-only", action="store_true", help="only rewrite docs/reproduction.md from saved results")
+    p.add_argument("--doc-only", action="store_true",
+                   help="only rewrite docs/reproduction.md from saved results (with --quick: the quick run's page)")
     args = p.parse_args(argv)
 
     def seeds_of(name: str) -> list[int]:
@@ -52,7 +56,8 @@ def main(argv=None) -> int:
 
     only = args.only or list(EXPERIMENTS)
     command = "python reproduction/run.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    RUNS.mkdir(parents=True, exist_ok=True)
+    layout = QUICK if args.quick else FULL
+    layout.runs.mkdir(parents=True, exist_ok=True)
     if not args.doc_only:
         for name in sorted({DATASETS[e] for e in only}):
             subprocess.run([str(HPCDISTILL), "data", "prepare", name, "--data-dir", str(DATA_DIR)], cwd=REPO,
@@ -60,8 +65,10 @@ def main(argv=None) -> int:
         started = time.time()
 
         def family(name):
-            records = RESULTS / f"{name}-runs.json" if getattr(EXPERIMENTS[name], "SUMMARY_ONLY", False) else None
-            runner, seeds = Runner(fresh=args.fresh, dry=args.dry_run, records=records), seeds_of(name)
+            records = layout.results / f"{name}-runs.json" if getattr(EXPERIMENTS[name], "SUMMARY_ONLY", False) \
+                else None
+            runner = Runner(layout.runs, fresh=args.fresh, dry=args.dry_run, records=records)
+            seeds = seeds_of(name)
             t = time.time()
             log(f"=== {name}: seeds {seeds}{' (quick)' if args.quick else ''}")
             if args.dry_run:
@@ -74,8 +81,8 @@ def main(argv=None) -> int:
             res["meta"] = {"command": command, "quick": args.quick, "seconds": time.time() - t,
                            "run_seconds": sum(r.seconds for r in runner.runs), "runs": len(runner.runs),
                            "reused": sum(r.reused for r in runner.runs), "finished": time.strftime("%Y-%m-%d %H:%M")}
-            RESULTS.mkdir(exist_ok=True)
-            (RESULTS / f"{name}.json").write_text(json.dumps(res, indent=1, default=str))
+            layout.results.mkdir(parents=True, exist_ok=True)
+            (layout.results / f"{name}.json").write_text(json.dumps(res, indent=1, default=str))
             log(f"=== {name} done in {(time.time() - t) / 60:.1f} min ({len(runner.runs)} runs)")
 
         with ThreadPoolExecutor(max_workers=max(1, args.parallel)) as pool:
@@ -84,7 +91,7 @@ def main(argv=None) -> int:
         if args.dry_run:
             return 0
         log(f"suite done in {(time.time() - started) / 60:.1f} min")
-    path = doc.write()
+    path = doc.write(layout)
     log(f"wrote {path.relative_to(REPO)}")
     return 0
 
