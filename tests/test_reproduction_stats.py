@@ -99,9 +99,34 @@ def test_a_family_resumes_from_its_committed_run_records(tmp_path):
     records = tmp_path / "dcasgd-runs.json"
     records.write_text(json.dumps({"dcasgd/x-s0": {"np": 3, "settings": settings, "seconds": 12.0,
                                                    "summary": summary}}))
-    runner = common.Runner(dry=True, records=records)
+    runner = common.Runner(tmp_path / "runs", dry=True, records=records)
     run = runner.run("dcasgd/x-s0", 3, settings)
     assert run.ok and run.reused and run.seconds == 12.0 and run.groups()[0]["test_accuracy"] == 0.9
     other = runner.run("dcasgd/x-s0", 3, {**settings, "HPCDISTILL_STEPS": "20"})
     assert not other.ok and not other.reused  # a dry runner only says what it would run
-    assert not common.Runner(dry=True, fresh=True, records=records).run("dcasgd/x-s0", 3, settings).reused
+    assert not common.Runner(tmp_path / "runs", dry=True, fresh=True, records=records).run("dcasgd/x-s0", 3,
+                                                                                   settings).reused
+
+
+def test_a_quick_page_is_written_apart_from_the_committed_one(tmp_path):
+    """--quick's layout: the page, its JSON and plots go where the layout says, with the quick banner and
+    without the full suite's notes; docs/reproduction.md and its JSON are not touched."""
+    import shutil
+
+    import doc
+
+    import common
+
+    results = tmp_path / "results"
+    shutil.copytree(common.FULL.results, results)  # the committed results stand in for a quick run's
+    layout = common.Layout(runs=tmp_path / "runs", results=results, doc=tmp_path / "page.md",
+                           json=tmp_path / "page.json", img=tmp_path / "img", rel="img", notes=None)
+    before = {p: p.read_bytes() for p in (common.FULL.doc, common.FULL.json)}
+    assert doc.write(layout) == layout.doc
+    page = layout.doc.read_text()
+    assert page.count("**A `--quick` run**") == 1 and "its verdicts are not the reproduction" in page
+    assert common.FULL.notes.read_text().strip().splitlines()[0] not in page  # the notes read the full run
+    assert json.loads(layout.json.read_text()) == json.loads(before[common.FULL.json])  # same results, same rows
+    assert sorted(p.name for p in layout.img.glob("*.png")) and all(
+        f"](img/{p.name})" in page for p in layout.img.glob("*.png"))
+    assert {p: p.read_bytes() for p in before} == before
