@@ -47,9 +47,11 @@ CHURN = ["sync-2B", "alone", "codistill"]  # alone: churn of the same batch and 
 
 
 def sizes(quick: bool) -> dict:
-    if quick:  # every kind of run once per seed, a fifth of the steps: the suite's check, not its result
-        return {"steps": 300, "batches": [256, 512], "lrs": [0.4], "sweep_seeds": 1, "sweep_eval_every": 10,
-                "eval_every": 25, "exchange_every": 25, "burn_in": 100, "ages": [50], "alpha": 0.5,
+    # --quick: every kind of run once per seed, 200 steps (a run is then mostly start-up and evaluation,
+    # 8-15 s on 2 cores): the suite's check, not its result
+    if quick:
+        return {"steps": 200, "batches": [256, 512], "lrs": [0.4], "sweep_seeds": 1, "sweep_eval_every": 20,
+                "eval_every": 50, "exchange_every": 25, "burn_in": 100, "ages": [50], "alpha": 0.5,
                 "smoothing": [0.05], "saturation": 0.9, "default_bstar": 256, "target_factor": 2.0}
     # The lr grid: at B = 256 .. 4096 a wider grid by hand (0.2 .. 0.8, 2 seeds) found every B's best
     # lr among these three; 0.8 was never best and 0.2 only once, by 3 % (B = 256).

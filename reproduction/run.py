@@ -6,7 +6,7 @@ Every run is a real `mpirun ... hpcdistill train` job in reproduction/runs/<expe
 Finished runs with the same settings are reused (an interrupted suite resumes); --fresh reruns all.
 Results go to reproduction/results/<experiment>.json (committed, so that the page can be rebuilt
 without the runs), plots to docs/img/reproduction/, and the document to docs/reproduction.md (built
-from every results file present). --quick (a few minutes: shortened runs, 2 seeds) checks that the
+from every results file present). --quick (about 8 min on 2 cores: short runs, 2 seeds) checks that the
 suite works end to end and writes all of that under reproduction/quick/ instead (git-ignored).
 """
 
@@ -37,7 +37,7 @@ DATASETS = {"codistill": "digits-aug", "dcasgd": "digits-aug", "distill": "digit
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true",
-                   help="a few minutes: shortened runs, fewer sweep points, 2 seeds; written under "
+                   help="about 8 min on 2 cores: short runs, fewer sweep points, 2 seeds; written under "
                         "reproduction/quick/, not over the committed results and page")
     p.add_argument("--only", action="append", choices=list(EXPERIMENTS), help="run only these (repeatable)")
     p.add_argument("--seeds", type=int, default=None,
