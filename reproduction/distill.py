@@ -35,7 +35,7 @@ SEEDS = 8  # the issue's 8-10: distillation's effects are a few tenths of a poin
 
 
 def sizes(quick: bool) -> dict:
-    if quick:  # every kind of run once per seed, a few hundred steps: the suite's check, not its result
+    if quick:  # every kind of run once per seed but the T sweep, a few hundred steps: the suite's check
         return {"teacher_steps": 200, "student_steps": 400, "batch": 64, "eval_every": 100, "alpha": 0.9,
                 "temperatures": [4], "ensemble_T": 4, "teachers": 2, "smoothing": [0.1], "omit_T": 20}
     return {"teacher_steps": 1500, "student_steps": 3000, "batch": 64, "eval_every": 200, "alpha": 0.9,

@@ -92,7 +92,7 @@ def main(argv=None) -> int:
             return 0
         log(f"suite done in {(time.time() - started) / 60:.1f} min")
     path = doc.write(layout)
-    log(f"wrote {path.relative_to(REPO)}")
+    log(f"wrote {doc.shown(path)}")
     return 0
 
 

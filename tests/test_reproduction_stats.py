@@ -108,23 +108,32 @@ def test_a_family_resumes_from_its_committed_run_records(tmp_path):
                                                                                    settings).reused
 
 
-def test_a_quick_page_is_written_apart_from_the_committed_one(tmp_path):
-    """--quick's layout: the page, its JSON and plots go where the layout says, with the quick banner and
-    without the full suite's notes; docs/reproduction.md and its JSON are not touched."""
+def test_a_quick_page_is_written_apart_from_the_committed_one(tmp_path, monkeypatch):
+    """`run.py --quick` writes the page, its JSON and plots where the quick layout says, with the quick
+    banner and without the full suite's notes; docs/reproduction.md and its JSON are not touched. The
+    quick layout itself lies wholly in one git-ignored directory."""
     import shutil
+    import subprocess
 
-    import doc
+    import run
 
     import common
+
+    for path in (common.QUICK.runs, common.QUICK.results, common.QUICK.doc, common.QUICK.json, common.QUICK.img):
+        assert path.is_relative_to(common.QUICK_DIR), path
+    ignored = subprocess.run(["git", "check-ignore", "-q", str(common.QUICK_DIR / "reproduction.md")], cwd=ROOT)
+    assert ignored.returncode == 0, "reproduction/quick/ must be git-ignored"
 
     results = tmp_path / "results"
     shutil.copytree(common.FULL.results, results)  # the committed results stand in for a quick run's
     layout = common.Layout(runs=tmp_path / "runs", results=results, doc=tmp_path / "page.md",
                            json=tmp_path / "page.json", img=tmp_path / "img", rel="img", notes=None)
+    monkeypatch.setattr(run, "QUICK", layout)
     before = {p: p.read_bytes() for p in (common.FULL.doc, common.FULL.json)}
-    assert doc.write(layout) == layout.doc
+    assert run.main(["--quick", "--doc-only"]) == 0
     page = layout.doc.read_text()
     assert page.count("**A `--quick` run**") == 1 and "its verdicts are not the reproduction" in page
+    assert f"HPCDISTILL_RUN_DIR={tmp_path}/runs/" in page and "run.py --doc-only --quick" in page
     assert common.FULL.notes.read_text().strip().splitlines()[0] not in page  # the notes read the full run
     assert json.loads(layout.json.read_text()) == json.loads(before[common.FULL.json])  # same results, same rows
     assert sorted(p.name for p in layout.img.glob("*.png")) and all(
