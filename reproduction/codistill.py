@@ -47,15 +47,9 @@ CHURN = ["sync-2B", "alone", "codistill"]  # alone: churn of the same batch and 
 
 
 def sizes(quick: bool) -> dict:
-    # --quick: every kind of run once per seed, 200 steps (a run is then mostly start-up and evaluation,
-    # 8-15 s on 2 cores): the suite's check, not its result
-    if quick:
-        return {"steps": 200, "batches": [256, 512], "lrs": [0.4], "sweep_seeds": 1, "sweep_eval_every": 20,
-                "eval_every": 50, "exchange_every": 25, "burn_in": 100, "ages": [50], "alpha": 0.5,
-                "smoothing": [0.05], "saturation": 0.9, "default_bstar": 256, "target_factor": 2.0}
     # The lr grid: at B = 256 .. 4096 a wider grid by hand (0.2 .. 0.8, 2 seeds) found every B's best
     # lr among these three; 0.8 was never best and 0.2 only once, by 3 % (B = 256).
-    return {"steps": 1500, "batches": [256, 512, 1024, 2048, 4096],
+    full = {"steps": 1500, "batches": [256, 512, 1024, 2048, 4096],
             "lrs": [0.4 / math.sqrt(2), 0.4, 0.4 * math.sqrt(2)],
             "sweep_seeds": 2, "sweep_eval_every": 25, "eval_every": 50, "exchange_every": 50,
             "burn_in": 300, "ages": [250], "alpha": 0.5,
@@ -63,6 +57,12 @@ def sizes(quick: bool) -> dict:
             # Why twice: at the loosest best loss itself, every B = 256 .. 4096 crossed at 820 .. 1140 of its
             # 1500 steps, in no order: the cosine decay's end, not the batch, set those steps.
             "target_factor": 2.0}
+    if not quick:
+        return full
+    # --quick: every kind of run once per seed, 200 steps (a run is then mostly start-up and evaluation,
+    # 8-15 s on 2 cores): the suite's check, not its result
+    return {**full, "steps": 200, "batches": [256, 512], "lrs": [0.4], "sweep_seeds": 1, "sweep_eval_every": 20,
+            "exchange_every": 25, "burn_in": 100, "ages": [50], "smoothing": [0.05]}
 
 
 def _base(z: dict, batch: int, lr: float, seed: int, eval_every: int) -> dict:

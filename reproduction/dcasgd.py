@@ -44,12 +44,13 @@ def sizes(quick: bool) -> dict:
     # lr 0.2: sequential SGD's best of 0.1 / 0.2 at these samples in a trial (seed 0: 82.5 / 90.7 %
     # test accuracy); 768 updates at 0.1-1.0 left it at 54-89 %. With 16 workers at lr 0.5 every async
     # method diverged (test accuracy 10 %): the sweep below stays where ASGD degrades but trains.
-    if quick:  # every method once per seed at M = 2 (no lambda0 sweep), a sixth of the samples: a check
-        return {"updates": 384, "batch": 32, "lr": 0.2, "warmup_updates": 50, "workers": [2], "sweep_workers": 2,
-                "lambda_sweep": {}}
-    return {"updates": 2304, "batch": 32, "lr": 0.2, "warmup_updates": 50,
+    full = {"updates": 2304, "batch": 32, "lr": 0.2, "warmup_updates": 50,
             "workers": [4, 8, 16, 32], "sweep_workers": 16,
             "lambda_sweep": {"dcasgd-c": [1.0], "dcasgd-a": [0.5]}}
+    if not quick:
+        return full
+    # --quick: every method once per seed at M = 2 (no lambda0 sweep), a sixth of the samples: a check
+    return {**full, "updates": 384, "workers": [2], "sweep_workers": 2, "lambda_sweep": {}}
 
 
 def _settings(z: dict, M: int, seed: int) -> dict:

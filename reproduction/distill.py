@@ -35,12 +35,14 @@ SEEDS = 8  # the issue's 8-10: distillation's effects are a few tenths of a poin
 
 
 def sizes(quick: bool) -> dict:
-    if quick:  # every kind of run once per seed but the T sweep, a few hundred steps: the suite's check
-        return {"teacher_steps": 200, "student_steps": 400, "batch": 64, "eval_every": 100, "alpha": 0.9,
-                "temperatures": [4], "ensemble_T": 4, "teachers": 2, "smoothing": [0.1], "omit_T": 20}
-    return {"teacher_steps": 1500, "student_steps": 3000, "batch": 64, "eval_every": 200, "alpha": 0.9,
+    full = {"teacher_steps": 1500, "student_steps": 3000, "batch": 64, "eval_every": 200, "alpha": 0.9,
             "temperatures": [1, 2, 4, 8], "ensemble_T": 4, "teachers": 3, "smoothing": [0.05, 0.1, 0.2],
             "omit_T": 20}
+    if not quick:
+        return full
+    # --quick: every kind of run once per seed but the T sweep, a few hundred steps: the suite's check
+    return {**full, "teacher_steps": 200, "student_steps": 400, "eval_every": 100, "temperatures": [4],
+            "teachers": 2, "smoothing": [0.1]}
 
 
 def run(runner, seeds: list[int], quick: bool) -> dict:
